@@ -1,0 +1,224 @@
+"""lora.py: identity at init, merged == unmerged, disabled == base, save/load round trip, PEFT key naming,
+merge_and_remove export, low-precision base weights."""
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+import lora
+
+
+class Attention(nn.Module):
+    def __init__(self, d: int, ctx: int):
+        super().__init__()
+        self.to_q = nn.Linear(d, d, bias=False)
+        self.to_k = nn.Linear(ctx, d, bias=False)
+        self.to_v = nn.Linear(ctx, d, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(d, d), nn.Dropout(0.0)])
+
+    def forward(self, x, c):
+        q, k, v = self.to_q(x), self.to_k(c), self.to_v(c)
+        a = torch.softmax(q @ k.transpose(1, 2) / q.shape[-1] ** 0.5, -1)
+        return self.to_out[1](self.to_out[0](a @ v))
+
+
+class Toy(nn.Module):
+    """Diffusers-like module paths: blocks.N.attn{1,2}.to_{q,k,v,out.0}, blocks.N.ff.net.{0.proj,2}, proj_in."""
+
+    def __init__(self, d=16, ctx=12, n=2):
+        super().__init__()
+        self.proj_in = nn.Conv1d(d, d, 1)
+        self.blocks = nn.ModuleList()
+        for _ in range(n):
+            b = nn.Module()
+            b.attn1, b.attn2 = Attention(d, d), Attention(d, ctx)
+            b.ff = nn.Module()
+            b.ff.net = nn.ModuleList([nn.Module(), nn.GELU(), nn.Linear(4 * d, d)])
+            b.ff.net[0].proj = nn.Linear(d, 4 * d)
+            self.blocks.append(b)
+
+    def forward(self, x, c):
+        x = self.proj_in(x.transpose(1, 2)).transpose(1, 2)
+        for b in self.blocks:
+            x = x + b.attn1(x, x)
+            x = x + b.attn2(x, c)
+            x = x + b.ff.net[2](b.ff.net[1](b.ff.net[0].proj(x)))
+        return x
+
+
+def make(seed=0):
+    torch.manual_seed(seed)
+    return Toy()
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 5, 16, generator=g), torch.randn(3, 7, 12, generator=g)
+
+
+def randomize_lora(model, seed=2, std=0.3):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def test_zero_init_is_identity_and_keys_unchanged():
+    base, m = make(), make()
+    base_keys = set(m.state_dict())
+    params = lora.add_lora(m, rank=4)
+    x, c = inputs()
+    assert torch.equal(m(x, c), base(x, c))  # B = 0: bit-identical to the base model
+    # 2 blocks x 2 attentions x 4 projections, A and B each
+    assert len(params) == 2 * 2 * 4 * 2 and all(p.requires_grad and p.dtype == torch.float32 for p in params)
+    assert all(p.abs().sum() == 0 for p in params[1::2]) and all(p.abs().sum() > 0 for p in params[0::2])
+    sd = m.state_dict()
+    assert base_keys <= set(sd)
+    assert all(k in base_keys or ".lora_A.weight" in k or ".lora_B.weight" in k for k in sd)
+    m2 = make()
+    m2.load_state_dict({k: sd[k] for k in base_keys}, strict=True)  # base keys still load into a plain model
+
+
+def test_state_dict_naming_and_shapes():
+    m = make()
+    lora.add_lora(m, rank=3, alpha=6.0, targets=("to_q", "to_out.0", "ff.net.2"))
+    sd = lora.lora_state_dict(m)
+    assert "unet.blocks.0.attn1.to_q.lora_A.weight" in sd and "unet.blocks.1.ff.net.2.lora_B.weight" in sd
+    assert "unet.blocks.0.attn2.to_out.0.lora_A.weight" in sd
+    assert not any("to_k" in k or "to_v" in k for k in sd)
+    assert sd["unet.blocks.0.attn1.to_q.lora_A.weight"].shape == (3, 16)   # [r, in]
+    assert sd["unet.blocks.1.ff.net.2.lora_B.weight"].shape == (16, 3)     # [out, r]
+    assert sd["unet.blocks.1.ff.net.2.lora_A.weight"].shape == (3, 64)
+    assert all(mod.scale == 2.0 for mod in m.modules() if isinstance(mod, lora.LoRALinear))
+    assert set(lora.lora_state_dict(m, prefix="")) == {k[len("unet."):] for k in sd}
+
+
+def test_lora_forward_matches_formula():
+    m = make()
+    lora.add_lora(m, rank=2, alpha=5.0, targets=("to_q",))
+    randomize_lora(m)
+    q = m.blocks[0].attn1.to_q
+    x = torch.randn(4, 16)
+    want = x @ q.weight.T + (2.5 * (x @ q.lora_A.weight.T) @ q.lora_B.weight.T)
+    torch.testing.assert_close(q(x), want, atol=1e-6, rtol=1e-6)
+
+
+def test_merged_matches_and_restores_bit_exactly():
+    m = make()
+    lora.add_lora(m, rank=4)
+    randomize_lora(m)
+    x, c = inputs()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    y = m(x, c)
+    with lora.merged(m):
+        q = m.blocks[0].attn1.to_q
+        assert not torch.equal(q.weight, before["blocks.0.attn1.to_q.weight"])  # really folded in
+        y_merged = m(x, c)
+    torch.testing.assert_close(y_merged, y, atol=1e-5, rtol=1e-5)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(m(x, c), y)
+
+
+def test_disabled_equals_base_and_gradients_reach_only_adapters():
+    base, m = make(), make()
+    m.requires_grad_(False)
+    params = lora.add_lora(m, rank=4)
+    randomize_lora(m)
+    x, c = inputs()
+    assert not torch.allclose(m(x, c), base(x, c))
+    with lora.disabled(m):
+        assert torch.equal(m(x, c), base(x, c))
+    assert not torch.allclose(m(x, c), base(x, c))  # re-enabled
+    m(x, c).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    assert all(p.grad is None for n, p in m.named_parameters() if "lora_" not in n)
+    with lora.merged(m), pytest.raises(RuntimeError, match="inside merged"):
+        with lora.disabled(m):
+            pass
+
+
+def test_save_load_round_trip(tmp_path):
+    m = make()
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj")
+    lora.add_lora(m, rank=4, alpha=8.0, targets=targets)
+    randomize_lora(m)
+    path = tmp_path / "lora.safetensors"
+    lora.save_lora(path, m, {"base_model": "tiny", "epoch": 3})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(lora.lora_state_dict(m))
+    assert meta["format"] == "nanoddpo-lora" and int(meta["rank"]) == 4 and float(meta["alpha"]) == 8.0
+    assert json.loads(meta["targets"]) == list(targets) and meta["base_model"] == "tiny" and meta["epoch"] == "3"
+
+    fresh = make()  # same base weights, no adapters: load_lora adds them with the stored rank/alpha/targets
+    got = lora.load_lora(fresh, path)
+    assert got["base_model"] == "tiny"
+    x, c = inputs()
+    assert torch.equal(fresh(x, c), m(x, c))
+
+    wrong = make()
+    lora.add_lora(wrong, rank=2, targets=targets)
+    with pytest.raises(ValueError, match="shape"):
+        lora.load_lora(wrong, path)
+    other = make()
+    lora.add_lora(other, rank=4, targets=("to_q",))
+    with pytest.raises(ValueError, match="does not match"):
+        lora.load_lora(other, path)
+    with pytest.raises(FileNotFoundError):
+        lora.load_lora(make(), tmp_path / "nope.safetensors")
+
+
+def test_bad_targets_give_clear_errors():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        lora.add_lora(make(), targets=("to_qq",))
+    with pytest.raises(ValueError, match="nn.Linear only"):
+        lora.add_lora(make(), targets=("proj_in",))
+    m = make()
+    lora.add_lora(m)
+    with pytest.raises(ValueError, match="already has a LoRA"):
+        lora.add_lora(m)
+
+
+def test_merge_and_remove_exports_plain_layout():
+    m = make()
+    lora.add_lora(m, rank=4, alpha=2.0)
+    randomize_lora(m)
+    x, c = inputs()
+    y = m(x, c)
+    lora.merge_and_remove(m)
+    assert not any(isinstance(mod, lora.LoRALinear) for mod in m.modules())
+    assert all(type(mod) is nn.Linear for n, mod in m.named_modules() if n.endswith(("to_q", "to_out.0")))
+    fresh = make(seed=5)
+    fresh.load_state_dict(m.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x, c), y, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_base_with_fp32_adapters(dtype):
+    m = make()
+    m.requires_grad_(False)
+    params = lora.add_lora(m, rank=4)
+    randomize_lora(m, std=0.1)
+    ref = [p.detach().clone() for p in params]
+    x, c = inputs()
+    y32 = m(x, c)
+    m.to(dtype)  # casts everything, adapters included; put the adapters back to fp32 as a trainer would
+    with torch.no_grad():
+        for p, r in zip(lora.lora_parameters(m), ref):
+            p.data = r.clone()
+    assert all(p.dtype == torch.float32 for p in lora.lora_parameters(m))
+    assert m.blocks[0].attn1.to_q.weight.dtype == dtype
+    y = m(x.to(dtype), c.to(dtype))  # no autocast: the adapter runs in the input dtype
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), y32, atol=0.1, rtol=0.05)
+    if dtype == torch.bfloat16:  # CPU autocast supports bf16
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ya = m(x, c)
+        ya.float().square().mean().backward()
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.lora_parameters(m))
+        torch.testing.assert_close(ya.float(), y32, atol=0.1, rtol=0.05)
+    with lora.merged(m):
+        torch.testing.assert_close(m(x.to(dtype), c.to(dtype)).float(), y32, atol=0.1, rtol=0.05)
