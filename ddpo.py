@@ -1,0 +1,382 @@
+"""
+DDPO: the denoising chain as a policy, trained with PPO (Black et al. 2023, "Training Diffusion Models with
+Reinforcement Learning", eq. 4 DDPO_SF and eq. 5 DDPO_IS).
+
+Each DDIM step with eta > 0 is a Gaussian action x_{t-1} ~ N(mu_theta(x_t, t, c), sigma_t^2 I), and its
+log-prob (mean over C,H,W, as in every public implementation) comes from scheduler.step(..., prev_sample=x_{t-1}).
+Every (sample, timestep) pair of a rollout is one training item:
+
+    A     = clip(advantage(r), -adv_clip_max, adv_clip_max)          (per sample, shared by its steps)
+    ratio = exp(logp_theta(x_{t-1} | x_t) - logp_old)                 (= 1 on the first micro-step)
+    DDPO_IS (PPO-clip):      L = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )
+    DDPO_SF (score function): L = mean( -A * logp_theta )             (on-policy: one optimizer step per batch)
+    optional KL to the reference policy on the step means (Flow-GRPO):
+                              kl = mean_dims((mu_theta - mu_ref)^2) / (2 sigma_t^2),   L += kl_coef * kl
+
+Advantages are rewards normalised per prompt (ddpo-pytorch's persistent per-prompt buffer), per group (GRPO:
+K images of a prompt in one epoch), or over the batch. Non-finite rewards get advantage 0 and are masked out of
+the loss.
+
+Public API (used by train.py)
+    PerPromptStatTracker(buffer_size=16, min_count=16)
+        .update(prompts, rewards) -> Tensor (B,)       ddpo-pytorch advantages; NaN/inf rewards -> 0, not buffered
+        .state_dict() -> dict (JSON-serialisable) / .load_state_dict(d) / .get_stats() / .clear()
+    group_advantages(rewards, group_ids, *, global_std=False, eps=1e-6) -> Tensor (B,)   (r - mean_g)/(std_g + eps)
+    batch_advantages(rewards, *, eps=1e-8) -> Tensor (B,)                                 (r - mean)/(std + eps)
+    ppo_loss(log_prob, old_log_prob, advantages, clip_range) -> (loss (B,), ratio (B,))   per item, no reduction
+    sf_loss(log_prob, advantages) -> loss (B,)
+    gaussian_kl(mean, ref_mean, std) -> kl (B,)
+    reference_policy(unet) -> callable(x, t, c)   LoRA model: adapters off; otherwise a frozen deep copy
+    Samples(latents (B,N+1,4,h,w), log_probs (B,N), timesteps (B,N), advantages (B,), valid (B,) bool | None)
+    UpdateConfig(clip_range, adv_clip_max, loss, kl_coef, guidance, eta, micro_batch,
+                 optimizer_steps_per_epoch, timestep_fraction, skip_last_step, max_grad_norm, train_cfg,
+                 num_inner_epochs)
+    ddpo_update(model, params, scheduler, samples, optimizer, cfg, *, cond_embeds, uncond_embeds, generator,
+                reference=None, autocast_dtype=None, progress=False) -> dict[str, float]
+"""
+import copy
+import math
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable, Hashable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import lora
+from scheduler import guided_eps
+
+# -----------------------------------------------------------------------------
+# advantages
+
+
+def _to_numpy(rewards) -> np.ndarray:
+    if isinstance(rewards, torch.Tensor):
+        rewards = rewards.detach().double().cpu().numpy()
+    r = np.asarray(rewards, dtype=np.float64)
+    if r.ndim != 1:
+        raise ValueError(f"ddpo.py: rewards must be 1-D (B,), got shape {r.shape}")
+    return r
+
+
+def _like(adv: np.ndarray, rewards) -> torch.Tensor:
+    out = torch.from_numpy(adv).float()
+    return out.to(rewards.device) if isinstance(rewards, torch.Tensor) else out
+
+
+class PerPromptStatTracker:
+    """ddpo-pytorch's per-prompt reward normaliser. Each prompt keeps a FIFO buffer of its last `buffer_size`
+    rewards across epochs; a batch's rewards are appended first, then normalised by the buffer's mean and
+    population std (+1e-6), or by the whole current batch's when the buffer holds fewer than `min_count`."""
+
+    def __init__(self, buffer_size: int = 16, min_count: int = 16):
+        if buffer_size < 1 or min_count < 1:
+            raise ValueError(f"ddpo.py: PerPromptStatTracker needs buffer_size >= 1 and min_count >= 1, "
+                             f"got {buffer_size}, {min_count}")
+        self.buffer_size, self.min_count = int(buffer_size), int(min_count)
+        self.stats: dict[str, deque] = {}
+
+    def update(self, prompts: Sequence[str], rewards) -> torch.Tensor:
+        """prompts: B strings, rewards: (B,) -> advantages (B,) float32 (on the rewards' device)."""
+        r = _to_numpy(rewards)
+        if len(prompts) != len(r):
+            raise ValueError(f"ddpo.py: {len(prompts)} prompts for {len(r)} rewards")
+        valid = np.isfinite(r)
+        adv = np.zeros_like(r)
+        if valid.any():
+            batch_mean, batch_std = r[valid].mean(), r[valid].std() + 1e-6
+            keys = np.array(prompts, dtype=object)
+            for p in dict.fromkeys(keys[valid]):
+                sel = valid & (keys == p)
+                buf = self.stats.setdefault(p, deque(maxlen=self.buffer_size))
+                buf.extend(r[sel].tolist())
+                if len(buf) < self.min_count:
+                    mean, std = batch_mean, batch_std
+                else:
+                    mean, std = np.mean(buf), np.std(buf) + 1e-6
+                adv[sel] = (r[sel] - mean) / std
+        return _like(adv, rewards)
+
+    def get_stats(self) -> dict[str, dict]:
+        return {p: {"mean": float(np.mean(b)), "std": float(np.std(b)), "count": len(b)} for p, b in self.stats.items()}
+
+    def clear(self) -> None:
+        self.stats = {}
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "stats": {p: list(b) for p, b in self.stats.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores the buffers (kept to this tracker's buffer_size, newest values last)."""
+        self.stats = {p: deque((float(v) for v in vals), maxlen=self.buffer_size)
+                      for p, vals in state["stats"].items()}
+
+
+def _group_index(group_ids, n: int, device) -> torch.Tensor:
+    if isinstance(group_ids, torch.Tensor):
+        ids = group_ids.to(device=device).long()
+        if ids.shape != (n,):
+            raise ValueError(f"ddpo.py: group_ids must have shape ({n},), got {tuple(ids.shape)}")
+        return torch.unique(ids, return_inverse=True)[1]
+    if len(group_ids) != n:
+        raise ValueError(f"ddpo.py: {len(group_ids)} group ids for {n} rewards")
+    index: dict[Hashable, int] = {}
+    return torch.tensor([index.setdefault(g, len(index)) for g in group_ids], device=device, dtype=torch.long)
+
+
+def group_advantages(rewards: torch.Tensor, group_ids, *, global_std: bool = False,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """GRPO advantages: (r - mean_g) / (std_g + eps) within each group (e.g. the K images of one prompt in this
+    epoch); with global_std the std is the whole batch's (Flow-GRPO). Population std. group_ids: (B,) int tensor or
+    a list of hashables (e.g. prompts). NaN/inf rewards get 0 and do not enter any statistic."""
+    r = torch.as_tensor(rewards).detach().double()
+    if r.ndim != 1:
+        raise ValueError(f"ddpo.py: rewards must be 1-D (B,), got shape {tuple(r.shape)}")
+    idx = _group_index(group_ids, r.shape[0], r.device)
+    valid = torch.isfinite(r)
+    rz = torch.where(valid, r, 0.0)
+    g = int(idx.max()) + 1 if r.numel() else 0
+    count = torch.zeros(g, dtype=r.dtype, device=r.device).index_add_(0, idx, valid.double()).clamp(min=1)
+    mean = torch.zeros_like(count).index_add_(0, idx, rz) / count
+    dev = torch.where(valid, r - mean[idx], 0.0)
+    if global_std:
+        std = dev.new_full((g,), float(r[valid].std(correction=0)) if valid.any() else 0.0)
+    else:
+        std = (torch.zeros_like(count).index_add_(0, idx, dev * dev) / count).sqrt()
+    return (dev / (std[idx] + eps)).float()
+
+
+def batch_advantages(rewards: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:
+    """(r - mean) / (std + eps) over the (global) batch: ddpo-pytorch without per-prompt tracking."""
+    r = torch.as_tensor(rewards)
+    return group_advantages(r, torch.zeros(r.shape[0], dtype=torch.long, device=r.device), eps=eps)
+
+
+# -----------------------------------------------------------------------------
+# losses (per item, unreduced)
+
+
+def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+             clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DDPO_IS: max(-A r, -A clip(r, 1-eps, 1+eps)), r = exp(logp - logp_old). Returns (loss (B,), ratio (B,))."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped), ratio
+
+
+def sf_loss(log_prob: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """DDPO_SF (REINFORCE): -A logp; its gradient is -A grad logp."""
+    return -advantages * log_prob
+
+
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL between N(mean, std^2 I) and N(ref_mean, std^2 I) per dimension, averaged over C,H,W: (B,)."""
+    d = (mean - ref_mean).flatten(1)
+    return d.square().mean(1) / (2 * std.flatten().square())
+
+
+def reference_policy(unet: nn.Module) -> Callable:
+    """The policy the KL penalty pulls towards: for a LoRA model the same UNet with adapters off (no extra
+    memory); otherwise a frozen deep copy of the UNet as it is now (call this before training starts)."""
+    if any(isinstance(m, lora.LoRALinear) for m in unet.modules()):
+        def base(x, t, c):
+            with lora.disabled(unet):
+                return unet(x, t, c)
+        return base
+    return copy.deepcopy(unet).requires_grad_(False).eval()
+
+
+# -----------------------------------------------------------------------------
+# the fused update
+
+
+@dataclass
+class Samples:
+    latents: torch.Tensor          # (B, N+1, 4, h, w) fp32: x_T, ..., x_0
+    log_probs: torch.Tensor        # (B, N) fp32: log p_old(x_{t-1} | x_t) at rollout
+    timesteps: torch.Tensor        # (B, N) long
+    advantages: torch.Tensor       # (B,)
+    valid: torch.Tensor | None = None  # (B,) bool: False drops the sample from the loss (e.g. NaN reward)
+
+
+@dataclass
+class UpdateConfig:
+    clip_range: float = 1e-4            # PPO clip on the ratio of mean-over-dims log-probs
+    adv_clip_max: float = 5.0
+    loss: str = "ppo"                   # "ppo" (DDPO_IS) | "sf" (DDPO_SF, on-policy)
+    kl_coef: float = 0.0                # weight of the KL to the reference policy (needs `reference`)
+    guidance: float = 5.0               # CFG scale, the same as at rollout
+    eta: float = 1.0                    # DDIM eta, the same as at rollout
+    micro_batch: int = 4                # (sample, timestep) items per UNet call (x2 with CFG)
+    optimizer_steps_per_epoch: int = 2  # the epoch's items are split into this many optimizer steps
+    timestep_fraction: float = 1.0      # train on a random int(N * fraction) steps of each sample
+    skip_last_step: bool = False        # leave out the final low-sigma step (DanceGRPO)
+    max_grad_norm: float | None = 1.0   # None: no clipping (the norm is still logged)
+    train_cfg: bool = True              # False: condition-only UNet call, no guidance
+    num_inner_epochs: int = 1           # passes over the epoch's items (each reshuffled)
+
+
+def _check(samples: Samples, cfg: UpdateConfig, cond_embeds, uncond_embeds, reference, params) -> None:
+    lat, lp, ts, adv = samples.latents, samples.log_probs, samples.timesteps, samples.advantages
+    if lp.ndim != 2 or lat.ndim != 5 or lat.shape[:2] != (lp.shape[0], lp.shape[1] + 1):
+        raise ValueError(f"ddpo.py: samples need latents (B,N+1,C,h,w) and log_probs (B,N), got "
+                         f"{tuple(lat.shape)} and {tuple(lp.shape)}")
+    b = lp.shape[0]
+    if ts.shape != lp.shape or adv.shape != (b,):
+        raise ValueError(f"ddpo.py: samples need timesteps {tuple(lp.shape)} and advantages ({b},), got "
+                         f"{tuple(ts.shape)} and {tuple(adv.shape)}")
+    if samples.valid is not None and samples.valid.shape != (b,):
+        raise ValueError(f"ddpo.py: samples.valid must have shape ({b},), got {tuple(samples.valid.shape)}")
+    if lat.dtype != torch.float32 or lp.dtype != torch.float32:
+        raise ValueError("ddpo.py: store latents and log_probs in fp32 (low-precision latents shift the "
+                         "re-scored log-probs by about the clip range)")
+    if cond_embeds.shape[0] != b or uncond_embeds.shape[0] not in (1, b):
+        raise ValueError(f"ddpo.py: cond_embeds must be (B={b},77,D) and uncond_embeds (1 or B,77,D), got "
+                         f"{tuple(cond_embeds.shape)} and {tuple(uncond_embeds.shape)}")
+    if cfg.loss not in ("ppo", "sf"):
+        raise ValueError(f"ddpo.py: UpdateConfig.loss must be 'ppo' or 'sf', got '{cfg.loss}'")
+    if cfg.loss == "sf" and (cfg.optimizer_steps_per_epoch != 1 or cfg.num_inner_epochs != 1):
+        raise ValueError("ddpo.py: loss='sf' is on-policy; set optimizer_steps_per_epoch=1 and num_inner_epochs=1")
+    if cfg.kl_coef > 0 and reference is None:
+        raise ValueError("ddpo.py: kl_coef > 0 needs a reference policy (ddpo.reference_policy(unet))")
+    if not 0 < cfg.timestep_fraction <= 1 or cfg.micro_batch < 1 or cfg.num_inner_epochs < 1:
+        raise ValueError("ddpo.py: need 0 < timestep_fraction <= 1, micro_batch >= 1, num_inner_epochs >= 1")
+    if any(p.dtype != torch.float32 for p in params):
+        raise ValueError("ddpo.py: trainable parameters must be fp32 (master weights); use autocast_dtype for "
+                         "bf16/fp16 compute")
+
+
+def _eps(net: Callable, x, t, c, u, cfg: UpdateConfig) -> torch.Tensor:
+    """The noise prediction the policy acts on: CFG as one batched call (as at rollout) or condition-only."""
+    return guided_eps(net, x, t, c, u if cfg.train_cfg else None, cfg.guidance)
+
+
+def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samples: Samples,
+                optimizer: torch.optim.Optimizer, cfg: UpdateConfig, *, cond_embeds: torch.Tensor,
+                uncond_embeds: torch.Tensor, generator: torch.Generator, reference: Callable | None = None,
+                autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float]:
+    """One epoch of DDPO training on a batch of rollouts.
+
+    model: the UNet as called for training, model(x (m,4,h,w), t (m,), c (m,77,D)) -> eps; may be DDP-wrapped
+      (its no_sync() is used on all but the last micro-step of each optimizer step).
+    params: the trainable parameters (fp32) for grad-norm clipping. optimizer: built by the caller on params.
+    samples: the epoch's rollouts on the training device; cond_embeds (B,77,D), uncond_embeds (1 or B,77,D).
+    generator: draws the timestep subsets and the item shuffle (save its state for exact resume).
+    reference: callable like `model` for the KL term (reference_policy(unet)); its kl is logged when given.
+    autocast_dtype: e.g. torch.bfloat16 for the UNet calls; step math and the loss stay fp32.
+
+    All (sample, trained step) items are shuffled and split into cfg.optimizer_steps_per_epoch contiguous
+    chunks; each chunk runs in micro-batches of cfg.micro_batch mixed-timestep items, each micro-loss divided by
+    the chunk's item count, so an optimizer step sees the mean over its items whatever the micro-batch size (or
+    the number of DDP ranks). Masked items (valid=False, non-finite advantage) count in that mean with loss 0.
+    Returns metrics local to this process, averaged over items (loss, approx_kl, clipfrac, kl, ratio) or
+    optimizer steps (grad_norm), plus first_ratio_max_dev = max|ratio - 1| on the first micro-step (~0 when the
+    rollout was scored by the same weights).
+    """
+    _check(samples, cfg, cond_embeds, uncond_embeds, reference, params)
+    b, n = samples.log_probs.shape
+    dev = samples.latents.device
+    n_train = n - 1 if cfg.skip_last_step else n
+    t_per_sample = int(n_train * cfg.timestep_fraction)
+    n_items = b * t_per_sample
+    if t_per_sample < 1 or cfg.optimizer_steps_per_epoch < 1 or cfg.optimizer_steps_per_epoch > n_items:
+        raise ValueError(f"ddpo.py: {b} samples x {t_per_sample} trained steps = {n_items} items cannot make "
+                         f"{cfg.optimizer_steps_per_epoch} optimizer steps; lower optimizer_steps_per_epoch or "
+                         "raise timestep_fraction")
+
+    valid = torch.isfinite(samples.advantages)
+    if samples.valid is not None:
+        valid &= samples.valid.to(dev).bool()
+    adv = torch.where(valid, samples.advantages.float(), 0.0).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+    per_sample_uncond = uncond_embeds.shape[0] == b and b > 1
+    autocast = torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
+    no_sync = getattr(model, "no_sync", None)
+
+    # metric sums on the device, synced once at the end
+    zero = torch.zeros((), device=dev)
+    m_loss, m_akl, m_clip, m_gt, m_lt, m_kl, m_ratio, m_count, m_gnorm = (zero.clone() for _ in range(9))
+    first_dev = None
+    splits = [int(c) for c in torch.linspace(0, n_items, cfg.optimizer_steps_per_epoch + 1).round().long()]
+    bar = tqdm(total=cfg.num_inner_epochs * sum(math.ceil((e - s) / cfg.micro_batch)
+                                                for s, e in zip(splits, splits[1:])),
+               desc="train", disable=not progress, leave=False)
+
+    if hasattr(model, "train"):
+        model.train()
+    optimizer.zero_grad(set_to_none=True)
+    for _ in range(cfg.num_inner_epochs):
+        # per sample a random subset of its steps (ddpo-pytorch: per-sample time permutation, first T), then
+        # one shuffle over all (sample, step) items so that every micro-batch mixes samples and timesteps
+        steps = torch.rand(b, n_train, generator=generator, device=generator.device).argsort(1)[:, :t_per_sample]
+        order = torch.randperm(n_items, generator=generator, device=generator.device)
+        item_s = (order // t_per_sample).to(dev)
+        item_j = steps.flatten()[order].to(dev)
+        for start, end in zip(splits, splits[1:]):
+            n_chunk = end - start
+            micro = list(range(start, end, cfg.micro_batch))
+            for k, a in enumerate(micro):
+                stop = min(a + cfg.micro_batch, end)
+                s, j = item_s[a:stop], item_j[a:stop]
+                x, x_next = samples.latents[s, j], samples.latents[s, j + 1]
+                t, old = samples.timesteps[s, j], samples.log_probs[s, j]
+                c = cond_embeds[s]
+                u = uncond_embeds[s] if per_sample_uncond else uncond_embeds.expand(len(s), *uncond_embeds.shape[1:])
+                kl = None
+                if reference is not None:  # before the policy forward: adapters are off only inside this call
+                    with torch.no_grad(), autocast:
+                        eps_ref = _eps(reference, x, t, c, u, cfg)
+                    ref_mean = scheduler.step(eps_ref.float(), t, x, cfg.eta, prev_sample=x_next).mean
+                sync_ctx = no_sync() if (no_sync is not None and k < len(micro) - 1) else nullcontext()
+                with sync_ctx:
+                    with autocast:
+                        eps = _eps(model, x, t, c, u, cfg)
+                    out = scheduler.step(eps.float(), t, x, cfg.eta, prev_sample=x_next)
+                    a_i, v_i = adv[s], valid[s]
+                    if cfg.loss == "ppo":
+                        loss, ratio = ppo_loss(out.log_prob, old, a_i, cfg.clip_range)
+                    else:
+                        loss, ratio = sf_loss(out.log_prob, a_i), torch.exp(out.log_prob.detach() - old)
+                    if reference is not None:
+                        kl = gaussian_kl(out.mean, ref_mean, out.std)
+                        loss = loss + cfg.kl_coef * kl
+                    loss = torch.where(v_i, loss, 0.0)
+                    (loss.sum() / n_chunk).backward()
+
+                with torch.no_grad():
+                    vf = v_i.float()
+                    r = ratio.detach()
+                    logr = out.log_prob.detach() - old
+                    if first_dev is None:
+                        first_dev = (r - 1).abs().max()
+                    m_loss += (loss.detach() * vf).sum()
+                    m_akl += (0.5 * logr.square() * vf).sum()
+                    m_clip += (((r - 1).abs() > cfg.clip_range).float() * vf).sum()
+                    m_gt += ((r > 1 + cfg.clip_range).float() * vf).sum()
+                    m_lt += ((r < 1 - cfg.clip_range).float() * vf).sum()
+                    m_ratio += (r * vf).sum()
+                    m_count += vf.sum()
+                    if kl is not None:
+                        m_kl += (kl.detach() * vf).sum()
+                bar.update()
+            m_gnorm += torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    bar.close()
+
+    n_steps = cfg.num_inner_epochs * cfg.optimizer_steps_per_epoch
+    cnt = m_count.clamp(min=1)
+    vals = torch.stack([m_loss / cnt, m_akl / cnt, m_clip / cnt, m_gt / cnt, m_lt / cnt, m_ratio / cnt,
+                        m_kl / cnt, m_gnorm / n_steps, first_dev.float(), m_count]).tolist()
+    keys = ["loss", "approx_kl", "clipfrac", "clipfrac_gt_one", "clipfrac_lt_one", "ratio_mean", "kl",
+            "grad_norm", "first_ratio_max_dev", "items"]
+    metrics = dict(zip(keys, vals))
+    if reference is None:
+        del metrics["kl"]
+    metrics["optimizer_steps"] = float(n_steps)
+    return metrics
