@@ -1,0 +1,219 @@
+"""
+Rewards served over HTTP: AI feedback from a vision chat model (`ranker`) and any scorer in another process or on
+another machine (`remote`). Standard library only (urllib, json, base64); part of rewards.py's interface.
+
+ranker: RL from AI feedback instead of human preference labels (the role LLaVA plays in DDPO's prompt-image
+alignment runs). For each prompt, its n images go to an OpenAI-compatible chat-completions endpoint with vision,
+which ranks them; rank p (0 = best) becomes the reward
+
+    r = 1 - p / (n - 1)        best 1, worst 0, linear; a prompt with one image gets the neutral 0.5
+
+remote: the whole batch goes to a URL, which answers one score per image (a VLM, a detector, a human-in-the-loop UI).
+
+Both are robust by design, since a network failure must never end an epoch: each request gets `timeout` seconds,
+failures are retried `retries` times after backoff * 2**k seconds (k = 0, 1, ...), except HTTP 4xx client errors
+(other than 408/429) which no retry can fix. A request that still fails gives a RewardWarning and neutral rewards
+(ranker: 0.5 for that prompt's images) or NaN (remote: the whole batch, which the trainer then drops).
+"""
+import base64
+import io
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from PIL import Image
+
+from rewards import Reward, RewardWarning, prompt_groups, to_uint8
+
+
+def png_base64(image: np.ndarray) -> str:
+    """(H,W,3) uint8 -> base64 PNG text (lossless; fast zlib level, the payload is transient)."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def post_json(url: str, payload: dict, timeout: float, headers: dict | None = None):
+    """POST payload as JSON, return the decoded JSON reply (raises on HTTP errors, timeouts and bad JSON)."""
+    req = urllib.request.Request(url, data=json.dumps(payload).encode(), method="POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def call_with_retries(fn, retries: int, backoff: float) -> tuple[object, str | None]:
+    """(fn(), None) on success, else (None, one line saying what went wrong and how often it was tried)."""
+    for attempt in range(retries + 1):
+        try:
+            return fn(), None
+        except urllib.error.HTTPError as e:
+            body = e.read()[:200].decode("utf-8", "replace")
+            e.close()
+            err = f"HTTP {e.code} {e.reason}: {body!r}"
+            if 400 <= e.code < 500 and e.code not in (408, 429):
+                return None, f"{err} (a client error, not retried)"
+        except Exception as e:  # timeouts, refused connections, garbage replies: all worth another try
+            err = f"{type(e).__name__}: {e}"
+        if attempt < retries:
+            time.sleep(backoff * 2 ** attempt)
+    return None, f"{err} (after {retries + 1} attempts)"
+
+
+# -----------------------------------------------------------------------------
+# ranker
+
+def parse_ranking(text: str, n: int) -> list[int]:
+    """The first JSON array in a chat reply -> 0-based image indices, best first.
+
+    <think>...</think> blocks of reasoning models are skipped. The array must be a permutation of the image numbers
+    1..n we asked for (a permutation of 0..n-1 is accepted too: it cannot be confused with 1..n). Raises ValueError.
+    """
+    text = re.sub(r"<think>.*?</think>", "", text, flags=re.S)
+    match = re.search(r"\[[^\[\]]*\]", text)
+    if match is None:
+        raise ValueError(f"no JSON list in the reply {text[:120]!r}")
+    ranking = json.loads(match.group(0))
+    if not all(type(i) is int for i in ranking):
+        raise ValueError(f"the ranking {match.group(0)[:120]} is not a list of image numbers")
+    if sorted(ranking) == list(range(1, n + 1)):
+        return [i - 1 for i in ranking]
+    if sorted(ranking) == list(range(n)):
+        return ranking
+    raise ValueError(f"the ranking {ranking} is not a permutation of the image numbers 1..{n}")
+
+
+def ranks_to_rewards(ranking: list[int]) -> list[float]:
+    """0-based indices best-first -> reward per image: best 1, worst 0, linear in rank."""
+    n = len(ranking)
+    out = [0.0] * n
+    for pos, i in enumerate(ranking):
+        out[i] = 1 - pos / (n - 1)
+    return out
+
+
+class Ranker(Reward):
+    """A vision chat model ranks each prompt's images (AI feedback).
+
+    Request: POST {url}/chat/completions (url is the API base, e.g. http://localhost:8000/v1), header
+    "Authorization: Bearer <key>" when a key is given, body
+        {"model": model, "temperature": 0, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "These N images were generated by a text-to-image model for the prompt:
+                \"<prompt>\". Rank them from best to worst by <criteria>. The images are numbered 1 to N. Reply with
+                only a JSON list of the image numbers from best to worst, for example [2, 1, 3]."},
+            {"type": "text", "text": "Image 1:"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
+            ... one pair per image ]}]}
+    Reply: choices[0].message.content, parsed by parse_ranking (first JSON array, a permutation of 1..N).
+    A failed group (timeout, HTTP error, no/invalid ranking after the retries) gets 0.5 for each of its images,
+    a RewardWarning, and a line in info["warnings"]; info["rankings"] maps each ranked prompt to its 0-based ranking.
+    Groups are ranked `concurrency` at a time.
+    """
+    name = "ranker"
+    async_ok = True
+
+    def __init__(self, url: str, model: str, *, api_key: str | None = None,
+                 criteria: str = "how well the image matches the prompt and its overall visual quality",
+                 timeout: float = 60.0, retries: int = 3, backoff: float = 1.0, concurrency: int = 4):
+        super().__init__()
+        base = url.rstrip("/")
+        self.endpoint = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        self.model, self.criteria, self.concurrency = model, criteria, concurrency
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+
+    def request_body(self, prompt: str, images: list[np.ndarray]) -> dict:
+        n = len(images)
+        content = [{"type": "text", "text": (
+            f"These {n} images were generated by a text-to-image model for the prompt: \"{prompt}\". Rank them from "
+            f"best to worst by {self.criteria}. The images are numbered 1 to {n}. Reply with only a JSON list of the "
+            f"image numbers from best to worst, for example [{', '.join(str(i) for i in [2, 1] + list(range(3, n + 1)))}].")}]
+        for i, im in enumerate(images, 1):
+            content += [{"type": "text", "text": f"Image {i}:"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + png_base64(im)}}]
+        return {"model": self.model, "temperature": 0, "messages": [{"role": "user", "content": content}]}
+
+    def _rank(self, prompt: str, images: list[np.ndarray]) -> tuple[list[int] | None, str | None]:
+        body = self.request_body(prompt, images)
+
+        def ask():
+            content = post_json(self.endpoint, body, self.timeout, self.headers)["choices"][0]["message"]["content"]
+            if isinstance(content, list):  # some servers return content parts
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            if not isinstance(content, str):
+                raise ValueError(f"reply content is {type(content).__name__}, not text")
+            return parse_ranking(content, len(images))
+        return call_with_retries(ask, self.retries, self.backoff)
+
+    def score(self, images, prompts):
+        u8 = to_uint8(images)
+        out = torch.full((len(prompts),), 0.5)
+        jobs = [(p, idx) for p, idx in prompt_groups(prompts).items() if len(idx) > 1]
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            results = list(pool.map(lambda job: self._rank(job[0], [u8[i] for i in job[1]]), jobs))
+        rankings, warns = {}, []
+        for (prompt, idx), (ranking, err) in zip(jobs, results):
+            if ranking is None:
+                warns.append(f"ranker: could not rank the {len(idx)} images of prompt {prompt[:60]!r} at "
+                             f"{self.endpoint}: {err}; they get the neutral reward 0.5")
+                continue
+            rankings[prompt] = ranking
+            out[idx] = torch.tensor(ranks_to_rewards(ranking))
+        for w in warns:  # warn from the calling thread, where warning filters and pytest.warns apply
+            warnings.warn(w, RewardWarning, stacklevel=3)
+        return out, {"rankings": rankings, "failed_groups": len(warns), "warnings": warns}
+
+
+# -----------------------------------------------------------------------------
+# remote
+
+def parse_scores(reply, n: int) -> list[float]:
+    """{"scores": [n numbers or null]} -> floats (null -> NaN). Raises ValueError on anything else."""
+    scores = reply.get("scores") if isinstance(reply, dict) else None
+    if not isinstance(scores, list) or len(scores) != n:
+        got = f"{len(scores)} scores" if isinstance(scores, list) else repr(reply)[:120]
+        raise ValueError(f"expected {{\"scores\": [{n} numbers]}}, got {got}")
+    if not all(s is None or (isinstance(s, (int, float)) and not isinstance(s, bool)) for s in scores):
+        raise ValueError(f"scores must be numbers or null, got {scores[:8]}")
+    return [float("nan") if s is None else float(s) for s in scores]
+
+
+class Remote(Reward):
+    """Scores computed by another process: one POST per batch.
+
+    Wire format (JSON both ways, Content-Type: application/json):
+        request   {"prompts": ["a cat", ...], "images": ["<base64 PNG, RGB 8-bit>", ...]}      same length B
+        response  {"scores": [0.31, ...]}                                                      length B
+    A score may be null for an image the server cannot score: it becomes NaN and the trainer drops that image.
+    If the request still fails after the retries (timeout, HTTP error, wrong JSON or length), every score of the
+    batch is NaN and a RewardWarning says why. A minimal server:
+
+        class Scorer(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                imgs = [Image.open(io.BytesIO(base64.b64decode(s))) for s in req["images"]]
+                body = json.dumps({"scores": [my_score(im, p) for im, p in zip(imgs, req["prompts"])]}).encode()
+                self.send_response(200); self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body))); self.end_headers(); self.wfile.write(body)
+        http.server.ThreadingHTTPServer(("0.0.0.0", 8000), Scorer).serve_forever()
+    """
+    name = "remote"
+    async_ok = True
+
+    def __init__(self, url: str, *, timeout: float = 60.0, retries: int = 3, backoff: float = 1.0):
+        super().__init__()
+        self.url, self.timeout, self.retries, self.backoff = url, timeout, retries, backoff
+
+    def score(self, images, prompts):
+        payload = {"prompts": prompts, "images": [png_base64(im) for im in to_uint8(images)]}
+        scores, err = call_with_retries(lambda: parse_scores(post_json(self.url, payload, self.timeout), len(prompts)),
+                                        self.retries, self.backoff)
+        if scores is None:
+            msg = f"remote: scoring {len(prompts)} images at {self.url} failed: {err}; they get NaN and are dropped"
+            warnings.warn(msg, RewardWarning, stacklevel=3)
+            return torch.full((len(prompts),), float("nan")), {"warnings": [msg]}
+        return torch.tensor(scores), {}
