@@ -1,0 +1,776 @@
+"""
+DDPO: reinforcement learning of Stable Diffusion on a reward (Black et al. 2023, "Training Diffusion Models with
+Reinforcement Learning"), with PPO clipping (DDPO_IS) and optional GRPO groups (DanceGRPO / Flow-GRPO).
+
+The sampler is the policy. Each DDIM step x_t -> x_{t-1} is a Gaussian action N(mu_theta(x_t, t, c), sigma_t^2 I)
+with an exact log-probability (scheduler.py), so the reward of the final image is optimised with
+
+    L(theta) = E_{c, x_T..x_0} sum_t max( -A * r_t, -A * clip(r_t, 1 - eps, 1 + eps) ),
+    r_t = p_theta(x_{t-1} | x_t, c) / p_old(x_{t-1} | x_t, c),   A = normalised reward (per prompt or per group)
+
+One epoch is one straight line, top to bottom in main():
+
+    prompts -> text embeddings -> rollout (x_T..x_0, log-probs) -> images -> rewards -> advantages -> PPO update
+
+    python train.py --reward hps                                  # SD 1.5 (hub), LoRA r=4, bf16 autocast, 24 GB GPU
+    python train.py --model tiny --reward jpeg-compressibility    # a random tiny SD on a CPU, in minutes
+    torchrun --nproc_per_node 8 train.py --reward hps             # DDP; batch flags are per process
+    python train.py --resume runs/<name>                          # continue exactly where it stopped
+
+Run directory (--out): config.json, metrics.jsonl, reward_curve.png, samples/epoch_XXXX.png,
+checkpoints/epoch_XXXX/ (weights, optimizer, tracker, RNG and epoch state), export/ (diffusers UNet folder, LoRA).
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw, ImageFont
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import lora
+from ddpo import (PerPromptStatTracker, Samples, UpdateConfig, batch_advantages, ddpo_update, group_advantages,
+                  reference_policy)
+from rewards import build_reward, reward_help
+from scheduler import DDIMScheduler, SchedulerConfig, rollout
+from weights import DEFAULT_MODEL, load_pipeline
+
+# the 45 prompts of ddpo-pytorch's simple_animals.txt (its aesthetic-score experiment)
+SIMPLE_ANIMALS = [
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer", "cow", "goat", "lion",
+    "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle", "ant", "butterfly", "fish", "shark", "whale",
+    "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
+    "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
+]
+PROMPT_SETS = ("simple_animals", "imagenet_animals")
+
+# flags that may differ when a run is resumed: they do not change what the run computes
+RESUME_OVERRIDABLE = ("resume", "epochs", "save_every", "sample_every", "eval_every", "wandb", "device",
+                      "async_reward", "compile")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows the defaults and keeps the reward table's line breaks."""
+
+
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", description="DDPO / GRPO fine-tuning of Stable Diffusion on a reward.",
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+        epilog=reward_help(), formatter_class=HelpFormatter)
+
+    def add(*names, **kw):
+        if suppress_defaults:
+            kw.pop("default", None)
+        p.add_argument(*names, **kw)
+
+    g = "model"
+    add("--model", default=DEFAULT_MODEL, help=f"{g}: hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' (random, CPU)")
+    add("--size", type=int, default=None, help=f"{g}: image size in pixels (default: the model's native size)")
+    add("--negative-prompt", default="", help=f"{g}: the unconditional prompt of classifier-free guidance")
+    add("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+        help=f"{g}: autocast dtype for the frozen weights and compute (default bf16 on CUDA, fp32 on CPU); trainable weights stay fp32")
+    add("--compile", action="store_true", default=False, help=f"{g}: torch.compile the UNet")
+    add("--grad-checkpointing", action="store_true", default=False, help=f"{g}: recompute UNet blocks in backward to save memory")
+    add("--device", default=None, help=f"{g}: cuda, cuda:1, cpu (default cuda when available); torchrun sets cuda:LOCAL_RANK")
+
+    g = "reward"
+    add("--reward", default="hps", help=f"{g}: spec, e.g. 'hps', 'jpeg-compressibility', 'hps=1,aesthetic=0.05'")
+    add("--hps-checkpoint", default=None, help=f"{g}: local HPSv2 checkpoint (default: hub xswu/HPSv2)")
+    add("--aesthetic-checkpoint", default=None, help=f"{g}: local LAION aesthetic MLP .pth (default: hub)")
+    add("--clip-path", default=None, help=f"{g}: CLIP ViT-L/14 folder or hub id for aesthetic/diversity")
+    add("--reward-option", action="append", default=[], metavar="KEY=VALUE",
+        help=f"{g}: any other rewards.py option, repeatable (e.g. precision=fp32, chunk_size=16, remote_url=...)")
+    add("--async-reward", action=argparse.BooleanOptionalAction, default=True,
+        help=f"{g}: score a batch in a thread while the next one is sampled (when the reward allows it)")
+
+    g = "prompts"
+    add("--prompts", default="simple_animals", help=f"{g}: built-in set ({', '.join(PROMPT_SETS)}) or a text file, one prompt per line")
+    add("--eval-prompts", default=None, help=f"{g}: held-out set or file scored with fixed seeds (default: the training prompts)")
+    add("--eval-size", type=int, default=16, help=f"{g}: number of evaluation prompts used (0 = all)")
+    add("--eval-every", type=int, default=10, help=f"{g}: evaluate every N epochs, and at the start and end (0 = never)")
+    add("--sample-every", type=int, default=10, help=f"{g}: save a sample grid every N epochs, and at the start and end (0 = never)")
+    add("--grid-size", type=int, default=8, help=f"{g}: images in a sample grid (the first evaluation prompts)")
+
+    g = "sampling"
+    add("--epochs", type=int, default=100, help=f"{g}: training epochs (one rollout + update each)")
+    add("--sample-batch-size", type=int, default=8, help=f"{g}: images per rollout batch, per process")
+    add("--sample-batches-per-epoch", type=int, default=4, help=f"{g}: rollout batches per epoch, per process")
+    add("--steps", type=int, default=50, help=f"{g}: DDIM steps")
+    add("--guidance", type=float, default=5.0, help=f"{g}: classifier-free guidance scale (also used in training)")
+    add("--eta", type=float, default=1.0, help=f"{g}: DDIM eta (1 = the stochastic policy DDPO needs)")
+    add("--vae-chunk", type=int, default=None, help=f"{g}: decode at most this many latents at once")
+
+    g = "advantages"
+    add("--advantage", choices=("per-prompt", "group", "batch"), default="per-prompt",
+        help=f"{g}: per-prompt running stats (DDPO), per-group stats over --group-size images of a prompt (GRPO), or the whole batch")
+    add("--group-size", type=int, default=1, help=f"{g}: images per prompt per epoch (K of GRPO)")
+    add("--same-noise-per-group", action="store_true", default=False, help=f"{g}: one shared x_T per group (DanceGRPO)")
+    add("--global-std", action="store_true", default=False, help=f"{g}: group advantages divided by the batch std instead of each group's (Flow-GRPO)")
+    add("--tracker-buffer", type=int, default=16, help=f"{g}: per-prompt tracker: rewards kept per prompt")
+    add("--tracker-min-count", type=int, default=16, help=f"{g}: per-prompt tracker: below this many, use batch stats")
+    add("--adv-clip-max", type=float, default=5.0, help=f"{g}: clip advantages to +-this")
+
+    g = "update"
+    add("--loss", choices=("ppo", "sf"), default="ppo", help=f"{g}: PPO-clip (DDPO_IS) or score function (DDPO_SF, needs --optimizer-steps-per-epoch 1)")
+    add("--clip-range", type=float, default=1e-4, help=f"{g}: PPO ratio clip range")
+    add("--kl-coef", type=float, default=0.0, help=f"{g}: weight of the KL to the initial policy (0 = off)")
+    add("--train-batch-size", type=int, default=2, help=f"{g}: (sample, timestep) items per UNet call in training (x2 with CFG), per process")
+    add("--optimizer-steps-per-epoch", type=int, default=2, help=f"{g}: optimizer steps per epoch (gradients accumulate in between)")
+    add("--inner-epochs", type=int, default=1, help=f"{g}: passes over each epoch's samples")
+    add("--timestep-fraction", type=float, default=1.0, help=f"{g}: fraction of the denoising steps trained per sample (random subset)")
+    add("--skip-last-step", action="store_true", default=False, help=f"{g}: never train on the last (sigma ~ 0.02) step (DanceGRPO)")
+    add("--lr", type=float, default=None, help=f"{g}: learning rate (default 3e-4 with LoRA, 1e-5 for full fine-tuning)")
+    add("--adam-beta1", type=float, default=0.9, help=f"{g}: AdamW beta1")
+    add("--adam-beta2", type=float, default=0.999, help=f"{g}: AdamW beta2")
+    add("--weight-decay", type=float, default=1e-4, help=f"{g}: AdamW weight decay")
+    add("--adam-eps", type=float, default=1e-8, help=f"{g}: AdamW epsilon")
+    add("--max-grad-norm", type=float, default=1.0, help=f"{g}: clip the gradient norm to this")
+
+    g = "lora"
+    add("--lora-rank", type=int, default=4, help=f"{g}: adapter rank (0 = full fine-tuning of the UNet)")
+    add("--lora-alpha", type=float, default=None, help=f"{g}: adapter alpha (default: the rank, i.e. scale 1)")
+    add("--lora-targets", default="to_q,to_k,to_v,to_out.0", help=f"{g}: comma-separated module-path suffixes")
+
+    g = "run"
+    add("--seed", type=int, default=42, help=f"{g}: seed of prompts, noise, initialisation and shuffling")
+    add("--out", default=None, help=f"{g}: run directory (default runs/<timestamp>)")
+    add("--resume", default=None, help=f"{g}: run directory to continue from its last checkpoint")
+    add("--save-every", type=int, default=5, help=f"{g}: checkpoint every N epochs (and at the end)")
+    add("--wandb", default=None, metavar="PROJECT", help=f"{g}: also log to this Weights & Biases project (needs wandb installed)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Flags -> a complete, validated config. With --resume the run's config.json is the config and only
+    RESUME_OVERRIDABLE flags may be given again."""
+    args = build_parser().parse_args(argv)
+    if args.resume is not None:
+        path = os.path.join(args.resume, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume {args.resume}: no config.json there; pass a run directory written by train.py")
+        with open(path) as f:
+            saved = json.load(f)
+        given = vars(build_parser(suppress_defaults=True).parse_args(argv))
+        changed = [k for k, v in given.items() if k not in RESUME_OVERRIDABLE and saved.get(k) != v]
+        if changed:
+            flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+            raise ValueError(f"--resume: {flags} cannot change in a resumed run (it would not continue the same run); "
+                             "start a new run with --out instead")
+        args = argparse.Namespace(**{**saved, **given, "out": args.resume})
+        validate(args)
+        return args
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.precision is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
+    if args.lr is None:
+        args.lr = 3e-4 if args.lora_rank > 0 else 1e-5
+    if args.lora_alpha is None:
+        args.lora_alpha = float(args.lora_rank)
+    if args.out is None:
+        args.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    validate(args)
+    return args
+
+
+def validate(args: argparse.Namespace, world: int = 1) -> None:
+    """One-line errors for configurations that cannot run, before anything heavy is loaded."""
+    def need(ok: bool, msg: str):
+        if not ok:
+            raise ValueError(msg)
+    for k in ("epochs", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
+              "optimizer_steps_per_epoch", "inner_epochs", "steps", "group_size", "tracker_buffer", "tracker_min_count"):
+        need(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    for k in ("save_every", "eval_every", "sample_every", "eval_size", "grid_size", "lora_rank", "kl_coef"):
+        need(getattr(args, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
+    need(0.0 <= args.eta <= 1.0, f"--eta must be in [0, 1], got {args.eta}")
+    need(args.eta > 0.0, "--eta 0 makes every DDIM step deterministic: there is no policy to train; use --eta 1")
+    need(0.0 < args.timestep_fraction <= 1.0, f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
+    need(not args.skip_last_step or args.steps >= 2, "--skip-last-step needs --steps >= 2")
+    need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
+    need(args.clip_range > 0 and args.adv_clip_max > 0 and args.max_grad_norm > 0,
+         "--clip-range, --adv-clip-max and --max-grad-norm must be > 0")
+    n_local = args.sample_batch_size * args.sample_batches_per_epoch
+    n_trained = int(((args.steps - 1) if args.skip_last_step else args.steps) * args.timestep_fraction)
+    need(n_trained >= 1, f"--timestep-fraction {args.timestep_fraction} of {args.steps} steps trains no step; raise it")
+    need(args.optimizer_steps_per_epoch <= n_local * n_trained,
+         f"--optimizer-steps-per-epoch {args.optimizer_steps_per_epoch} exceeds the {n_local * n_trained} "
+         "(sample, timestep) items per process per epoch")
+    need(args.loss != "sf" or (args.optimizer_steps_per_epoch == 1 and args.inner_epochs == 1),
+         "--loss sf is on-policy: use it with --optimizer-steps-per-epoch 1 (and --inner-epochs 1)")
+    need(n_local * world % args.group_size == 0,
+         f"--group-size {args.group_size} must divide the {n_local * world} samples per epoch "
+         f"(--sample-batch-size x --sample-batches-per-epoch x processes)")
+    need(args.advantage != "group" or args.group_size >= 2, "--advantage group needs --group-size >= 2 (images per prompt)")
+    need(not args.global_std or args.advantage == "group", "--global-std applies to --advantage group only")
+    need(not args.same_noise_per_group or args.group_size >= 2, "--same-noise-per-group needs --group-size >= 2")
+    need(args.size is None or (args.size >= 8 and args.size % 8 == 0), f"--size must be a positive multiple of 8, got {args.size}")
+    if args.wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--wandb: the wandb package is not installed; `pip install wandb` or drop --wandb") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts and seeds
+
+def load_prompts(spec: str) -> list[str]:
+    """A built-in prompt set or a text file with one prompt per line (blank lines ignored)."""
+    if spec == "simple_animals":
+        return list(SIMPLE_ANIMALS)
+    if spec == "imagenet_animals":
+        # ImageNet-1k classes 0..397 are the animals (tench .. puffer), as in ddpo-pytorch. torchvision ships the
+        # class names offline; they are its short names ("tench"), not ddpo-pytorch's raw lines ("tench, Tinca tinca").
+        from torchvision.models import ResNet50_Weights
+        return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"][:398])
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"prompts: '{spec}' is neither a built-in set ({', '.join(PROMPT_SETS)}) nor a file; "
+                                "pass one of those or a text file with one prompt per line")
+    with open(spec, encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"prompts: file {spec} has no prompts; write one prompt per line")
+    return lines
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The noise seed of global sample `index` of `epoch`: the same on any rank, batch size or after a resume."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % 2**63
+
+
+def epoch_prompts(prompts: list[str], n: int, group_size: int, seed: int, epoch: int) -> list[str]:
+    """The epoch's n prompts in global sample order: n / group_size uniform draws, each repeated group_size times
+    (a GRPO group is a run of consecutive samples)."""
+    rng = random.Random(f"prompts-{seed}-{epoch}")  # a string seed hashes deterministically (sha512)
+    return [p for p in rng.choices(prompts, k=n // group_size) for _ in range(group_size)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed: each rank owns a contiguous block of the global batch; gathers concatenate in rank order
+
+def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, torch.device(device)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device(device)
+
+
+def gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally sized tensors of all ranks along dim 0, in rank order."""
+    if not dist.is_initialized():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def gather_objects(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized():
+        return metrics
+    rows = gather_objects(metrics)
+    return {k: float(np.mean([r[k] for r in rows])) for k in metrics}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run directory: atomic writes, checkpoints, curve
+
+def atomic_write(path: str, write) -> None:
+    """write(tmp_path), then rename over path: a reader (or a crash) never sees half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    atomic_write(path, w)
+
+
+def read_metrics(path: str, before_epoch: int) -> list[dict]:
+    """The metrics of the epochs before `before_epoch` (a killed run may have logged epochs after its last
+    checkpoint, or half a line)."""
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if row.get("epoch", math.inf) < before_epoch:
+                rows.append(row)
+    return rows
+
+
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The newest complete checkpoint: checkpoints are renamed into place only once written."""
+    root = os.path.join(run_dir, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"epoch_\d+", n)) if os.path.isdir(root) else []
+    return os.path.join(root, names[-1]) if names else None
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python": random.getstate(), "numpy": np.random.get_state(), "update": generator.get_state()}
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    generator.set_state(state["update"])
+
+
+def trainable_state_dict(unet: torch.nn.Module, use_lora: bool) -> dict[str, torch.Tensor]:
+    """LoRA: the adapters only (PEFT naming); full fine-tuning: the UNet in diffusers key layout."""
+    sd = lora.lora_state_dict(unet) if use_lora else unet.state_dict()
+    return {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_checkpoint(run_dir: str, epoch: int, unet, use_lora: bool, optimizer, tracker, rng_states: list,
+                    state: dict, keep: int = 1) -> str:
+    """checkpoints/epoch_{epoch}/: written to a temporary directory, renamed into place when complete; older
+    checkpoints are removed only after that."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"epoch_{epoch:04d}")
+    tmp = final + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file(trainable_state_dict(unet, use_lora), os.path.join(tmp, "model.safetensors"),
+              metadata={"format": "nanoddpo-lora" if use_lora else "nanoddpo-unet", "epoch": str(epoch)})
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({"tracker": tracker.state_dict() if tracker is not None else None, "rng": rng_states},
+               os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "state.json"), "w") as f:
+        json.dump(state, f, indent=2)
+    for name in os.listdir(tmp):  # make the bytes durable before the rename makes them visible
+        with open(os.path.join(tmp, name), "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    old = sorted(n for n in os.listdir(root) if re.fullmatch(r"epoch_\d+", n))[:-keep]
+    for name in old:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, unet, use_lora: bool, optimizer, tracker, generator: torch.Generator,
+                    rank: int, world: int) -> dict:
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    if use_lora:
+        lora_params = dict(lora.lora_state_dict(unet))
+        with torch.no_grad():
+            for k, v in sd.items():
+                lora_params[k].copy_(v)
+    else:
+        unet.load_state_dict(sd, strict=True)
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
+    extra = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    if tracker is not None:
+        tracker.load_state_dict(extra["tracker"])
+    if len(extra["rng"]) != world:
+        raise ValueError(f"--resume: the checkpoint was written by {len(extra['rng'])} processes, this run has {world}; "
+                         "resume with the same number of processes")
+    set_rng_state(extra["rng"][rank], generator)
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def reward_stats(prefix: str, r: torch.Tensor) -> dict[str, float]:
+    """mean/std/min/max over the finite rewards, and how many were not finite (if any)."""
+    ok = r[torch.isfinite(r)].double()
+    out = {f"{prefix}_mean": float(ok.mean()) if len(ok) else math.nan,
+           f"{prefix}_std": float(ok.std(correction=0)) if len(ok) else math.nan,
+           f"{prefix}_min": float(ok.min()) if len(ok) else math.nan,
+           f"{prefix}_max": float(ok.max()) if len(ok) else math.nan}
+    if len(ok) < len(r):
+        out[f"{prefix}_nonfinite"] = len(r) - len(ok)
+    return out
+
+
+def draw_reward_curve(history: list[dict], path: str, title: str) -> None:
+    """Training reward mean +- std per epoch (blue) and evaluation reward (orange), drawn with PIL."""
+    W, H, left, right, top, bottom = 900, 500, 80, 30, 40, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    train = [(r["epoch"], r["reward_mean"], r["reward_std"]) for r in history if "reward_mean" in r]
+    evals = [(r["epoch"], r["eval_reward_mean"]) for r in history if "eval_reward_mean" in r]
+    ys = [m - s for _, m, s in train] + [m + s for _, m, s in train] + [m for _, m in evals]
+    xs = [e for e, _, _ in train] + [e for e, _ in evals]
+    if not ys:
+        return
+    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 1.0
+    y0, y1 = y0 - pad, y1 + pad
+
+    def px(e, v):
+        return (left + (e - x0) / (x1 - x0) * (W - left - right), top + (y1 - v) / (y1 - y0) * (H - top - bottom))
+
+    for i in range(6):  # grid lines with value labels
+        v = y0 + (y1 - y0) * i / 5
+        y = px(x0, v)[1]
+        d.line([(left, y), (W - right, y)], fill=(225, 225, 225))
+        d.text((5, y - 6), f"{v:.4g}", fill="black", font=font)
+    for i in range(6):
+        e = x0 + (x1 - x0) * i / 5
+        x = px(e, y0)[0]
+        d.text((x - 8, H - bottom + 8), f"{e:.0f}", fill="black", font=font)
+    if len(train) > 1:
+        band = [px(e, m + s) for e, m, s in train] + [px(e, m - s) for e, m, s in reversed(train)]
+        d.polygon(band, fill=(200, 220, 245))
+        d.line([px(e, m) for e, m, _ in train], fill=(30, 90, 200), width=2)
+    for e, m, _ in train:
+        x, y = px(e, m)
+        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 90, 200))
+    if len(evals) > 1:
+        d.line([px(e, m) for e, m in evals], fill=(230, 120, 20), width=2)
+    for e, m in evals:
+        x, y = px(e, m)
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(230, 120, 20))
+    d.rectangle([left, top, W - right, H - bottom], outline="black")
+    d.text((left, 12), title, fill="black", font=font)
+    d.text((W - right - 330, 12), "train reward mean +- std (blue), eval reward (orange)", fill="black", font=font)
+    d.text((W // 2 - 15, H - 20), "epoch", fill="black", font=font)
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def export(run_dir: str, unet, args: argparse.Namespace) -> None:
+    """export/unet/ (diffusers folder: config.json + diffusion_pytorch_model.safetensors) and, for LoRA,
+    export/lora.safetensors; written next to the old export and swapped in when complete."""
+    final = os.path.join(run_dir, "export")
+    tmp = final + f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, "unet"))
+    if args.lora_rank > 0:
+        lora_path = os.path.join(tmp, "lora.safetensors")
+        lora.save_lora(lora_path, unet, metadata={"base_model": args.model})
+        if args.precision == "fp32":
+            merged = lora.merge_and_remove(copy.deepcopy(unet).cpu())
+        else:  # the training copy of the base weights was cast to low precision: merge into the fp32 originals
+            merged = load_pipeline(args.model, "cpu", torch.float32).unet
+            lora.load_lora(merged, lora_path)
+            lora.merge_and_remove(merged)
+    else:
+        merged = unet
+    sd = {k: v.detach().float().contiguous().cpu() for k, v in merged.state_dict().items()}
+    save_file(sd, os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "nanoddpo-unet", "base_model": args.model})
+    with open(os.path.join(tmp, "unet", "config.json"), "w") as f:
+        json.dump(merged.config.to_dict(), f, indent=2)
+    old = final + f".old-{os.getpid()}"
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    # ---- setup: every bad input fails here, with one line, before any long work
+    try:
+        args = parse_args(argv)
+        rank, world, device = init_distributed(args.device)
+        validate(args, world)
+        master = rank == 0
+        prompts = load_prompts(args.prompts)
+        eval_prompts = load_prompts(args.eval_prompts) if args.eval_prompts else prompts
+        if args.eval_size:
+            eval_prompts = [eval_prompts[i * len(eval_prompts) // args.eval_size]
+                            for i in range(min(args.eval_size, len(eval_prompts)))]
+        ckpt = latest_checkpoint(args.out) if args.resume else None
+        if args.resume and ckpt is None:
+            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint in {args.resume}/checkpoints (the run stopped "
+                                    "before its first --save-every); start it again without --resume")
+        if not args.resume and os.path.isfile(os.path.join(args.out, "config.json")):
+            raise ValueError(f"--out {args.out} already holds a run; continue it with --resume {args.out} or pick another --out")
+        reward_options = dict(opt.split("=", 1) for opt in args.reward_option if "=" in opt)
+        if len(reward_options) != len(args.reward_option):
+            raise ValueError(f"--reward-option wants KEY=VALUE, got {args.reward_option}")
+        reward_options.update({k: getattr(args, k) for k in ("hps_checkpoint", "aesthetic_checkpoint", "clip_path")
+                               if getattr(args, k)})
+        reward_fn = build_reward(args.reward, device=device, **reward_options)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"train.py: error: {e}") from None
+
+    torch.manual_seed(args.seed)  # the same initial weights (LoRA A) on every rank
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    low = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=low)) if low else contextlib.nullcontext
+    use_lora = args.lora_rank > 0
+
+    # ---- model: the frozen parts in the compute dtype, trainable weights in fp32 (ddpo-pytorch #8, trl #1330)
+    pipe = load_pipeline(args.model, device, torch.float32)
+    unet = pipe.unet
+    for m in (pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False).eval().to(low or torch.float32)
+    if use_lora:
+        unet.requires_grad_(False).to(low or torch.float32)
+        params = lora.add_lora(unet, args.lora_rank, args.lora_alpha, tuple(args.lora_targets.split(",")))
+    else:
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    unet.gradient_checkpointing = args.grad_checkpointing
+    if args.compile:
+        unet.compile()
+    model = unet
+    if world > 1:  # DDP sees exactly the trainable parameters (LoRA: A and B), all used in every forward
+        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
+    # the KL reference: the initial policy (LoRA: the same UNet with adapters off; full: a frozen low-precision copy)
+    reference = None
+    if args.kl_coef > 0:
+        reference = reference_policy(unet) if use_lora else reference_policy(unet).to(low or torch.float32)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay, eps=args.adam_eps)
+    scheduler = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), args.steps, device)
+    tracker = PerPromptStatTracker(args.tracker_buffer, args.tracker_min_count) if args.advantage == "per-prompt" else None
+    update_cfg = UpdateConfig(clip_range=args.clip_range, adv_clip_max=args.adv_clip_max, loss=args.loss,
+                              kl_coef=args.kl_coef, guidance=args.guidance, eta=args.eta,
+                              micro_batch=args.train_batch_size, optimizer_steps_per_epoch=args.optimizer_steps_per_epoch,
+                              timestep_fraction=args.timestep_fraction, skip_last_step=args.skip_last_step,
+                              max_grad_norm=args.max_grad_norm, num_inner_epochs=args.inner_epochs)
+    generator = torch.Generator().manual_seed(args.seed)  # shuffles samples and timesteps in the update
+    with torch.no_grad():
+        uncond = pipe.encode_prompts([args.negative_prompt])  # (1,77,D)
+    latent_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    size = args.size or unet.config.sample_size * latent_factor
+    latent_shape = (pipe.vae.config.latent_channels, size // latent_factor, size // latent_factor)
+    n_local = args.sample_batch_size * args.sample_batches_per_epoch
+    n_global = n_local * world
+
+    # ---- run directory
+    start_epoch, global_step, history, wandb_id = 0, 0, [], None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, unet, use_lora, optimizer, tracker, generator, rank, world)
+        start_epoch, global_step, wandb_id = state["next_epoch"], state["global_step"], state.get("wandb_id")
+        history = read_metrics(os.path.join(args.out, "metrics.jsonl"), start_epoch)
+    if master:
+        os.makedirs(os.path.join(args.out, "samples"), exist_ok=True)
+        if not args.resume:
+            write_json(os.path.join(args.out, "config.json"), {**vars(args), "resume": None})
+        # rewrite the log without the epochs after the checkpoint: they are computed again, identically
+        atomic_write(os.path.join(args.out, "metrics.jsonl"),
+                     lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in history))
+        print(f"run {args.out}: {args.model}, reward {args.reward}, {'LoRA r=%d' % args.lora_rank if use_lora else 'full UNet'}, "
+              f"{sum(p.numel() for p in params):,} trainable parameters, {args.precision}, {world} process(es), "
+              f"{n_global} samples/epoch, epochs {start_epoch}..{args.epochs - 1}", flush=True)
+    wandb_run = None
+    if args.wandb and master:
+        import wandb
+        wandb_id = wandb_id or wandb.util.generate_id()
+        wandb_run = wandb.init(project=args.wandb, name=os.path.basename(os.path.normpath(args.out)), id=wandb_id,
+                               resume="allow", config=vars(args), dir=args.out)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one worker: rewards are scored in order
+    use_async = args.async_reward and getattr(reward_fn, "async_ok", False)
+
+    def sync():  # phase timings must include queued GPU work
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def generate(prompt_list: list[str], seeds: list[int], x_T: torch.Tensor | None):
+        """One rollout batch with the current policy: (trajectory, prompt embeddings)."""
+        with torch.no_grad():
+            cond = pipe.encode_prompts(prompt_list)
+            # folding LoRA into the weights is exact only in fp32: a bf16 base weight would round the update away
+            fold = lora.merged(unet) if use_lora and low is None else contextlib.nullcontext()
+            with fold, autocast():
+                traj = rollout(unet, pipe.vae, scheduler, cond, uncond, guidance=args.guidance, eta=args.eta,
+                               seeds=seeds, latents=x_T, vae_chunk=args.vae_chunk, height=size, width=size)
+        return traj, cond
+
+    def evaluate(epoch: int, score: bool, grid: bool) -> dict:
+        """The evaluation prompts with fixed seeds (prompt i always gets the same noise): reward and a grid."""
+        unet.eval()
+        mine = list(range(rank, len(eval_prompts), world))
+        rows = []
+        for b in range(0, len(mine), args.sample_batch_size):
+            idx = mine[b:b + args.sample_batch_size]
+            ps = [eval_prompts[i] for i in idx]
+            traj, _ = generate(ps, [sample_seed(args.seed, -1, i) for i in idx], None)
+            scores, info = reward_fn(traj.images, ps) if score else (torch.zeros(len(idx)), {})
+            for j, i in enumerate(idx):
+                image = (traj.images[j] * 255).round().byte().cpu() if i < args.grid_size else None
+                rows.append((i, float(scores[j]), image))
+        rows = sorted((r for part in gather_objects(rows) for r in part), key=lambda r: r[0])
+        out = {}
+        if score:
+            out = reward_stats("eval_reward", torch.tensor([r[1] for r in rows], dtype=torch.float64))
+        if grid and master:
+            from sample import make_grid
+            pics = [r[2].float() / 255 for r in rows if r[2] is not None]
+            caps = [f"{eval_prompts[r[0]][:30]}" + (f" {r[1]:.3g}" if score else "") for r in rows if r[2] is not None]
+            grid_img = make_grid(torch.stack(pics), caps)
+            atomic_write(os.path.join(args.out, "samples", f"epoch_{epoch:04d}.png"),
+                         lambda tmp: grid_img.save(tmp, format="PNG"))
+        return out
+
+    def due(every: int, epoch: int) -> bool:
+        return every > 0 and (epoch % every == 0 or epoch == args.epochs)
+
+    # ---- the training loop
+    for epoch in range(start_epoch, args.epochs):
+        t_epoch = time.perf_counter()
+        row = {"epoch": epoch}
+        if due(args.eval_every, epoch) or due(args.sample_every, epoch):
+            t0 = time.perf_counter()
+            row.update(evaluate(epoch, due(args.eval_every, epoch), due(args.sample_every, epoch)))
+            row["time_eval"] = time.perf_counter() - t0
+
+        # prompts -> text embeddings -> rollout -> images -> rewards (scored in a thread while the next batch samples)
+        unet.eval()
+        all_prompts = epoch_prompts(prompts, n_global, args.group_size, args.seed, epoch)
+        mine = range(rank * n_local, (rank + 1) * n_local)  # this rank's block of the global batch
+        batches, futures, t_reward = [], [], 0.0
+        t0 = time.perf_counter()
+        for b in tqdm(range(args.sample_batches_per_epoch), desc=f"epoch {epoch} rollout", disable=not master, leave=False):
+            idx = list(mine[b * args.sample_batch_size:(b + 1) * args.sample_batch_size])
+            ps = [all_prompts[i] for i in idx]
+            x_T = None
+            if args.same_noise_per_group:  # x_T from the group's first seed; step noise stays per sample
+                x_T = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(
+                    sample_seed(args.seed, epoch, i - i % args.group_size))) for i in idx])
+            traj, cond = generate(ps, [sample_seed(args.seed, epoch, i) for i in idx], x_T)
+            if use_async:
+                futures.append(executor.submit(reward_fn, traj.images, ps))
+            else:
+                sync()
+                t1 = time.perf_counter()
+                futures.append(concurrent.futures.Future())
+                futures[-1].set_result(reward_fn(traj.images, ps))
+                t_reward += time.perf_counter() - t1
+            batches.append({"cond": cond, "latents": traj.latents, "log_probs": traj.log_probs,
+                            "timesteps": traj.timesteps})
+        sync()
+        t1 = time.perf_counter()
+        results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", disable=not master, leave=False)]
+        t_reward += time.perf_counter() - t1
+        t_rollout = t1 - t0 - (0.0 if use_async else t_reward)
+        rewards = torch.cat([r[0] for r in results]).float().to(device)  # (n_local,)
+        components = {k: torch.cat([r[1]["components"][k] for r in results]).float().to(device)
+                      for k in results[0][1].get("components", {})} if len(results[0][1].get("components", {})) > 1 else {}
+        for warning in (w for r in results for w in r[1].get("warnings", [])):
+            tqdm.write(f"rank {rank}: {warning}", file=sys.stderr)
+
+        # rewards of the global batch -> advantages -> this rank's slice (non-finite rewards: advantage 0, masked)
+        global_rewards = gather_cat(rewards).cpu()  # (n_global,) in global sample order
+        if args.advantage == "per-prompt":
+            advantages = tracker.update(all_prompts, global_rewards)
+        elif args.advantage == "group":
+            advantages = group_advantages(global_rewards, torch.arange(n_global) // args.group_size,
+                                          global_std=args.global_std)
+        else:
+            advantages = batch_advantages(global_rewards)
+        samples = Samples(latents=torch.cat([b["latents"] for b in batches]),
+                          log_probs=torch.cat([b["log_probs"] for b in batches]),
+                          timesteps=torch.cat([b["timesteps"] for b in batches]),
+                          advantages=advantages[rank * n_local:(rank + 1) * n_local].to(device),
+                          valid=torch.isfinite(rewards))
+
+        # PPO update on the stored trajectories
+        sync()
+        t0 = time.perf_counter()
+        stats = ddpo_update(model, params, scheduler, samples, optimizer, update_cfg,
+                            cond_embeds=torch.cat([b["cond"] for b in batches]), uncond_embeds=uncond,
+                            generator=generator, reference=reference, autocast_dtype=low, progress=master)
+        sync()
+        t_update = time.perf_counter() - t0
+        global_step += args.optimizer_steps_per_epoch * args.inner_epochs
+        stats = mean_over_ranks(stats)
+
+        # log
+        row.update(reward_stats("reward", global_rewards))
+        for name, v in components.items():
+            row.update(reward_stats(f"reward_{name}", gather_cat(v).cpu()))
+        row.update(stats)
+        row["lr"] = optimizer.param_groups[0]["lr"]
+        row["global_step"] = global_step
+        row.update({"time_rollout": t_rollout, "time_reward": t_reward, "time_update": t_update,
+                    "time_total": time.perf_counter() - t_epoch})
+        row["images_per_s"] = n_global / row["time_total"]
+        history.append(row)
+        if master:
+            with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(row) + "\n")
+            draw_reward_curve(history, os.path.join(args.out, "reward_curve.png"), f"{args.reward} - {args.out}")
+            if wandb_run is not None:
+                wandb_run.log(row, step=epoch)
+            print(f"epoch {epoch}: reward {row['reward_mean']:.4g} +- {row['reward_std']:.3g}"
+                  + (f", eval {row['eval_reward_mean']:.4g}" if "eval_reward_mean" in row else "")
+                  + f", kl {row.get('approx_kl', float('nan')):.3g}, clipfrac {row.get('clipfrac', float('nan')):.3g}, "
+                  f"{row['time_total']:.1f}s ({row['images_per_s']:.2f} img/s)", flush=True)
+
+        # checkpoint (the next epoch to run is stored, never derived from a directory name)
+        if (args.save_every and (epoch + 1) % args.save_every == 0) or epoch + 1 == args.epochs:
+            rngs = gather_objects(rng_state(generator))
+            if master:
+                save_checkpoint(args.out, epoch + 1, unet, use_lora, optimizer, tracker, rngs,
+                                {"next_epoch": epoch + 1, "global_step": global_step, "wandb_id": wandb_id})
+
+    # ---- final evaluation and export
+    final = {}
+    if due(args.eval_every, args.epochs) or due(args.sample_every, args.epochs):
+        final = evaluate(args.epochs, due(args.eval_every, args.epochs), due(args.sample_every, args.epochs))
+    if master:
+        export(args.out, unet, args)
+        first = history[0] if history else {}
+        write_json(os.path.join(args.out, "summary.json"), {
+            "epochs": args.epochs, "initial_reward_mean": first.get("reward_mean"),
+            "initial_reward_std": first.get("reward_std"), "final_reward_mean": history[-1]["reward_mean"] if history else None,
+            "initial_eval_reward_mean": first.get("eval_reward_mean"), "final_eval_reward_mean": final.get("eval_reward_mean"),
+            "export": os.path.join(args.out, "export")})
+        if final and wandb_run is not None:
+            wandb_run.log(final, step=args.epochs)
+        print(f"done: {args.out}/export" + (f", final eval reward {final['eval_reward_mean']:.4g}" if "eval_reward_mean" in final else ""))
+    if wandb_run is not None:
+        wandb_run.finish()
+    executor.shutdown()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
