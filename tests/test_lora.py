@@ -10,6 +10,15 @@ from safetensors import safe_open
 import lora
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 5-10x to contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class Attention(nn.Module):
     def __init__(self, d: int, ctx: int):
         super().__init__()
@@ -222,3 +231,51 @@ def test_low_precision_base_with_fp32_adapters(dtype):
         torch.testing.assert_close(ya.float(), y32, atol=0.1, rtol=0.05)
     with lora.merged(m):
         torch.testing.assert_close(m(x.to(dtype), c.to(dtype)).float(), y32, atol=0.1, rtol=0.05)
+
+
+def test_sd15_unet_adapter_count_and_diffusers_paths():
+    """On unet.py's full SD1.5 UNet (meta device, no memory): rank 4 on to_q/k/v/out.0 gives ddpo-pytorch's 797,184
+    trainable parameters (ddpo_algorithm.md), the base (diffusers) keys are unchanged, and the adapter keys are the
+    PEFT/diffusers names of those Linear layers."""
+    from unet import UNet2DConditionModel, UNetConfig
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(UNetConfig.preset("sd15"))
+    base = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+    params = lora.add_lora(unet, rank=4)
+    assert sum(p.numel() for p in params) == 797_184
+    assert {k for k in unet.state_dict() if ".lora_" not in k} == set(base)
+    sd = lora.lora_state_dict(unet)
+    assert len(sd) == 16 * 2 * 4 * 2  # 16 transformer blocks x attn1/attn2 x 4 projections x (A, B)
+    assert "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight" in sd
+    for k, v in sd.items():
+        path = k[len("unet."):-len(".lora_A.weight")]
+        out_f, in_f = base[path + ".weight"]
+        assert tuple(v.shape) == ((4, in_f) if ".lora_A." in k else (out_f, 4)), k
+
+
+def test_on_a_tiny_unet_forward():
+    """merged/disabled/merge_and_remove on unet.py's real forward pass."""
+    from unet import UNet2DConditionModel, UNetConfig
+    cfg = UNetConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+                     num_attention_heads=(2, 4), cross_attention_dim=24, norm_num_groups=8, sample_size=8)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(cfg)
+    base_sd = {k: v.clone() for k, v in unet.state_dict().items()}
+    unet.requires_grad_(False)
+    lora.add_lora(unet, rank=4)
+    randomize_lora(unet, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    x, t, c = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 900]), torch.randn(2, 5, 24, generator=g)
+    y = unet(x, t, c)
+    plain = UNet2DConditionModel(cfg)
+    plain.load_state_dict(base_sd, strict=True)
+    with lora.disabled(unet):
+        assert torch.equal(unet(x, t, c), plain(x, t, c))
+    with lora.merged(unet):
+        torch.testing.assert_close(unet(x, t, c), y, atol=1e-5, rtol=1e-5)
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in base_sd.items())
+    lora.merge_and_remove(unet)
+    fresh = UNet2DConditionModel(cfg)
+    fresh.load_state_dict(unet.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(x, t, c), y, atol=1e-5, rtol=1e-5)
