@@ -61,7 +61,7 @@ class RewardWarning(RuntimeWarning):
 
 def quantize(images: torch.Tensor) -> torch.Tensor:
     """Round [0,1] images to the 256 levels a saved PNG has (DDPO: (x*255).round().clamp(0,255))."""
-    return (images.float() * 255).round().clamp(0, 255) / 255
+    return images.float().mul(255).round_().clamp_(0, 255).div_(255)  # in place on the one new tensor
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -276,11 +276,10 @@ class HPS(ModelReward):
 
     def score(self, images, prompts):
         uniq, where = _unique(prompts)
-        x = self._pixels(images)
-        with _autocast(self.device, self.precision):
+        px = torch.cat([normalize(resize_longest_and_pad(c)) for c in self._pixels(images).split(self.chunk_size)])
+        with _autocast(self.device, self.precision):  # (B,3,224,224) fp32 in, the towers in fp16/bf16
             txt = self.model.encode_text(self.tokenizer(uniq).to(self.device))
-            img = torch.cat([self.model.encode_image(normalize(resize_longest_and_pad(c)))
-                             for c in x.split(self.chunk_size)])
+            img = torch.cat([self.model.encode_image(c) for c in px.split(self.chunk_size)])
         txt = F.normalize(txt.float(), dim=-1)[where.to(self.device)]
         return (F.normalize(img.float(), dim=-1) * txt).sum(-1), {}
 
@@ -314,9 +313,9 @@ class ClipImageEncoder:
                 return emb
             x = images.to(self.device, torch.float32)
             x = quantize(x) if self.quantize else x.clamp(0, 1)
+            px = torch.cat([normalize(resize_shortest_and_crop(c)) for c in x.split(self.chunk_size)])
             with _autocast(self.device, self.precision):
-                emb = torch.cat([self.proj(self.vision(pixel_values=normalize(resize_shortest_and_crop(c))).pooler_output)
-                                 for c in x.split(self.chunk_size)])
+                emb = torch.cat([self.proj(self.vision(pixel_values=c).pooler_output) for c in px.split(self.chunk_size)])
             emb = F.normalize(emb.float(), dim=-1)
             self._last = (weakref.ref(images), images._version, emb)
             return emb
@@ -401,13 +400,13 @@ class PickScore(ModelReward):
     def score(self, images, prompts):
         uniq, where = _unique(prompts)
         tok = self.tokenizer(uniq, padding=True, truncation=True, max_length=77, return_tensors="pt").to(self.device)
-        x = self._pixels(images)
+        px = torch.cat([normalize(resize_shortest_and_crop(c, self.size, self.crop), self.mean, self.std)
+                        for c in self._pixels(images).split(self.chunk_size)])
         with _autocast(self.device, self.precision):
             txt = _features(self.model.get_text_features(input_ids=tok["input_ids"],
                                                          attention_mask=tok["attention_mask"]))
-            img = torch.cat([_features(self.model.get_image_features(
-                pixel_values=normalize(resize_shortest_and_crop(c, self.size, self.crop), self.mean, self.std)))
-                for c in x.split(self.chunk_size)])
+            img = torch.cat([_features(self.model.get_image_features(pixel_values=c))
+                             for c in px.split(self.chunk_size)])
         txt = F.normalize(txt.float(), dim=-1)[where.to(self.device)]
         cos = (F.normalize(img.float(), dim=-1) * txt).sum(-1)
         return self.model.logit_scale.float().exp() * cos, {}

@@ -2,6 +2,7 @@
 HTTP rewards against real local servers (good, garbage, slow, failing), JPEG sizes, diversity, weighted sums, NaN."""
 import base64
 import contextlib
+import functools
 import gzip
 import io
 import json
@@ -46,6 +47,11 @@ def uint8_pils(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in u8]
 
 
+@functools.cache
+def open_clip_tokenizer():
+    return open_clip.get_tokenizer("ViT-H-14")
+
+
 def report(label: str, value: float) -> None:
     print(f"\n[measured] {label}: {value:.3g}")
 
@@ -87,7 +93,7 @@ def hps_preprocess_val(pil: Image.Image) -> torch.Tensor:
 
 def hps_reference(model, pils, prompts) -> torch.Tensor:
     with torch.no_grad():
-        out = model(torch.stack([hps_preprocess_val(p) for p in pils]), open_clip.get_tokenizer("ViT-H-14")(prompts))
+        out = model(torch.stack([hps_preprocess_val(p) for p in pils]), open_clip_tokenizer()(prompts))
     return (out["image_features"] @ out["text_features"].T).diag()
 
 
@@ -128,7 +134,7 @@ def test_hps_tensor_path_vs_open_clip_pil_path(hps_files):
     report("HPS pixels: tensor resize vs open_clip PIL resize, mean |d| (normalised units)",
            (ours_px - pil_px).abs().mean().item())
     with torch.no_grad():
-        out = hps_files.ref(pil_px, open_clip.get_tokenizer("ViT-H-14")(PROMPTS))
+        out = hps_files.ref(pil_px, open_clip_tokenizer()(PROMPTS))
     pil_scores = (out["image_features"] @ out["text_features"].T).diag()
     diff = (pil_scores - hps_reference(hps_files.ref, pils, PROMPTS)).abs().max().item()
     report("HPS score: tensor path vs open_clip PIL path (tiny random model)", diff)
@@ -192,6 +198,17 @@ def clip_files(tmp_path_factory):
     CLIPProcessor(image_processor=CLIPImageProcessor(), tokenizer=clip_tokenizer(d)).save_pretrained(d / "proc")
     return SimpleNamespace(clip=str(d / "clip-l"), mlp=mlp, mlp_path=str(d / "aesthetic.pth"), pick=str(d / "pick"),
                            proc=str(d / "proc"))
+
+
+def test_clip_rewards_without_weights_say_which_option(clip_files):
+    with pytest.raises(FileNotFoundError, match="pass clip_path="):  # hub default, offline in tests
+        build_reward("aesthetic")
+    with pytest.raises(FileNotFoundError, match="aesthetic_checkpoint=PATH"):
+        build_reward("aesthetic", clip_path=clip_files.clip)
+    with pytest.raises(ValueError, match="aesthetic MLP .* does not fit"):
+        build_reward("aesthetic", clip_path=clip_files.pick, aesthetic_checkpoint=clip_files.mlp_path)  # 16-d CLIP
+    with pytest.raises(FileNotFoundError, match="pass pickscore_processor="):
+        build_reward("pickscore", pickscore_path=clip_files.pick)
 
 
 def processor_pixels(processor, images: torch.Tensor) -> torch.Tensor:
