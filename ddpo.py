@@ -251,6 +251,9 @@ def _check(samples: Samples, cfg: UpdateConfig, cond_embeds, uncond_embeds, refe
                          "bf16/fp16 compute")
 
 
+_ITEM_METRICS = ("loss", "approx_kl", "clipfrac", "clipfrac_gt_one", "clipfrac_lt_one", "ratio_mean", "kl")
+
+
 def _eps(net: Callable, x, t, c, u, cfg: UpdateConfig) -> torch.Tensor:
     """The noise prediction the policy acts on: CFG as one batched call (as at rollout) or condition-only."""
     return guided_eps(net, x, t, c, u if cfg.train_cfg else None, cfg.guidance)
@@ -298,14 +301,13 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
     no_sync = getattr(model, "no_sync", None)
 
-    # metric sums on the device, synced once at the end
-    zero = torch.zeros((), device=dev)
-    m_loss, m_akl, m_clip, m_gt, m_lt, m_kl, m_ratio, m_count, m_gnorm = (zero.clone() for _ in range(9))
-    first_dev = None
-    splits = [int(c) for c in torch.linspace(0, n_items, cfg.optimizer_steps_per_epoch + 1).round().long()]
-    bar = tqdm(total=cfg.num_inner_epochs * sum(math.ceil((e - s) / cfg.micro_batch)
-                                                for s, e in zip(splits, splits[1:])),
-               desc="train", disable=not progress, leave=False)
+    # per-item metric sums (over valid items) on the device, synced once at the end
+    sums = torch.zeros(len(_ITEM_METRICS), device=dev)
+    count, grad_norm_sum, first_dev = torch.zeros((), device=dev), torch.zeros((), device=dev), None
+    k_steps = cfg.optimizer_steps_per_epoch
+    splits = [i * n_items // k_steps for i in range(k_steps + 1)]  # item ranges of the optimizer steps
+    n_micro = sum(-(-(end - start) // cfg.micro_batch) for start, end in zip(splits, splits[1:]))
+    bar = tqdm(total=cfg.num_inner_epochs * n_micro, desc="train", disable=not progress, leave=False)
 
     if hasattr(model, "train"):
         model.train()
@@ -318,7 +320,6 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
         item_s = (order // t_per_sample).to(dev)
         item_j = steps.flatten()[order].to(dev)
         for start, end in zip(splits, splits[1:]):
-            n_chunk = end - start
             micro = list(range(start, end, cfg.micro_batch))
             for k, a in enumerate(micro):
                 stop = min(a + cfg.micro_batch, end)
@@ -327,55 +328,43 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
                 t, old = samples.timesteps[s, j], samples.log_probs[s, j]
                 c = cond_embeds[s]
                 u = uncond_embeds[s] if per_sample_uncond else uncond_embeds.expand(len(s), *uncond_embeds.shape[1:])
-                kl = None
+                ref_mean = None
                 if reference is not None:  # before the policy forward: adapters are off only inside this call
                     with torch.no_grad(), autocast:
                         eps_ref = _eps(reference, x, t, c, u, cfg)
                     ref_mean = scheduler.step(eps_ref.float(), t, x, cfg.eta, prev_sample=x_next).mean
+                # DDP: all-reduce the gradients only on the last micro-step of an optimizer step
                 sync_ctx = no_sync() if (no_sync is not None and k < len(micro) - 1) else nullcontext()
                 with sync_ctx:
                     with autocast:
                         eps = _eps(model, x, t, c, u, cfg)
                     out = scheduler.step(eps.float(), t, x, cfg.eta, prev_sample=x_next)
-                    a_i, v_i = adv[s], valid[s]
                     if cfg.loss == "ppo":
-                        loss, ratio = ppo_loss(out.log_prob, old, a_i, cfg.clip_range)
+                        loss, ratio = ppo_loss(out.log_prob, old, adv[s], cfg.clip_range)
                     else:
-                        loss, ratio = sf_loss(out.log_prob, a_i), torch.exp(out.log_prob.detach() - old)
-                    if reference is not None:
-                        kl = gaussian_kl(out.mean, ref_mean, out.std)
-                        loss = loss + cfg.kl_coef * kl
-                    loss = torch.where(v_i, loss, 0.0)
-                    (loss.sum() / n_chunk).backward()
+                        loss, ratio = sf_loss(out.log_prob, adv[s]), torch.exp(out.log_prob.detach() - old)
+                    kl = gaussian_kl(out.mean, ref_mean, out.std) if ref_mean is not None else torch.zeros_like(loss)
+                    loss = torch.where(valid[s], loss + cfg.kl_coef * kl, 0.0)
+                    (loss.sum() / (end - start)).backward()  # / items of this optimizer step
 
                 with torch.no_grad():
-                    vf = v_i.float()
-                    r = ratio.detach()
-                    logr = out.log_prob.detach() - old
+                    r, logr = ratio.detach(), out.log_prob.detach() - old
                     if first_dev is None:
                         first_dev = (r - 1).abs().max()
-                    m_loss += (loss.detach() * vf).sum()
-                    m_akl += (0.5 * logr.square() * vf).sum()
-                    m_clip += (((r - 1).abs() > cfg.clip_range).float() * vf).sum()
-                    m_gt += ((r > 1 + cfg.clip_range).float() * vf).sum()
-                    m_lt += ((r < 1 - cfg.clip_range).float() * vf).sum()
-                    m_ratio += (r * vf).sum()
-                    m_count += vf.sum()
-                    if kl is not None:
-                        m_kl += (kl.detach() * vf).sum()
+                    hi, lo = r > 1 + cfg.clip_range, r < 1 - cfg.clip_range
+                    per_item = torch.stack([loss.detach(), 0.5 * logr.square(), (hi | lo).float(), hi.float(),
+                                            lo.float(), r, kl.detach()])
+                    sums += (per_item * valid[s]).sum(1)
+                    count += valid[s].sum()
                 bar.update()
-            m_gnorm += torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
+            grad_norm_sum += torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     bar.close()
 
-    n_steps = cfg.num_inner_epochs * cfg.optimizer_steps_per_epoch
-    cnt = m_count.clamp(min=1)
-    vals = torch.stack([m_loss / cnt, m_akl / cnt, m_clip / cnt, m_gt / cnt, m_lt / cnt, m_ratio / cnt,
-                        m_kl / cnt, m_gnorm / n_steps, first_dev.float(), m_count]).tolist()
-    keys = ["loss", "approx_kl", "clipfrac", "clipfrac_gt_one", "clipfrac_lt_one", "ratio_mean", "kl",
-            "grad_norm", "first_ratio_max_dev", "items"]
-    metrics = dict(zip(keys, vals))
+    n_steps = cfg.num_inner_epochs * k_steps
+    vals = torch.cat([sums / count.clamp(min=1), torch.stack([grad_norm_sum / n_steps, first_dev, count])]).tolist()
+    metrics = dict(zip(_ITEM_METRICS + ("grad_norm", "first_ratio_max_dev", "items"), vals))
     if reference is None:
         del metrics["kl"]
     metrics["optimizer_steps"] = float(n_steps)
