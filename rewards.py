@@ -4,12 +4,12 @@ Rewards: the scalar r(x0, c) that DDPO maximises, J(theta) = E_{c, x0 ~ p_theta(
 Every reward maps a batch of images x (B,3,H,W) float in [0,1] and their prompts c (list of B strings) to a float32
 tensor (B,) on the images' device plus an info dict. Each model reward follows its published recipe exactly:
 
-    hps        HPSv2 (Wu et al. 2023)   r = < f_I(x)/|f_I(x)| , f_T(c)/|f_T(c)| >          open_clip ViT-H-14, no logit scale
-    aesthetic  LAION aesthetic v2       r = w . e + b,  e = g_I(x)/|g_I(x)|                 CLIP ViT-L/14 + linear MLP (DDPO)
-    pickscore  PickScore (Kirstain 23)  r = exp(s) . < f_I(x)/|f_I(x)| , f_T(c)/|f_T(c)| >   CLIP ViT-H/14, learned scale s
-    jpeg-*     DDPO compressibility     r = -/+ |JPEG_q95(x)| / 1000                        size in kB (1 kB = 1000 bytes)
-    diversity  group diversity          r = 1/(n(n-1)) sum_{i!=j} (1 - cos(e_i, e_j))       shared by the n images of a prompt
-    ranker, remote                      an HTTP chat model / any scoring server (rewards_http.py)
+    hps        HPSv2 (Wu et al. 2023)    r = < f_I(x)/|f_I(x)| , f_T(c)/|f_T(c)| >         open_clip ViT-H-14, no scale
+    aesthetic  LAION aesthetic v2        r = w . e + b,  e = g_I(x)/|g_I(x)|                CLIP ViT-L/14 + linear MLP
+    pickscore  PickScore (Kirstain 2023) r = exp(s) < f_I(x)/|f_I(x)| , f_T(c)/|f_T(c)| >   CLIP ViT-H/14, learned s
+    jpeg-*     DDPO compressibility      r = -/+ |JPEG_q95(x)| / 1000                       kB (1 kB = 1000 bytes)
+    diversity  group diversity           r = 1/(n(n-1)) sum_{i!=j} (1 - cos(e_i, e_j))      shared by the group
+    ranker, remote                       an HTTP chat model / any scoring server (rewards_http.py)
 
 and a spec like "hps=1,aesthetic=0.05" is the weighted sum R = sum_k w_k r_k, every r_k reported in
 info["components"]. Images are rounded to 8-bit levels first (`quantize`, default on), because the published
@@ -204,9 +204,12 @@ class Reward(abc.ABC):
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
             got = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"rewards.py: {self.name} wants images as a float tensor (B,3,H,W) in [0,1], got {got}")
-        if isinstance(prompts, str) or len(prompts) != len(images) or len(images) == 0:
+        if not isinstance(prompts, (list, tuple)) or len(prompts) != len(images) or len(images) == 0:
+            got = f"a {type(prompts).__name__}"
+            if isinstance(prompts, (list, tuple)):
+                got += f" of length {len(prompts)}"
             raise ValueError(f"rewards.py: {self.name} wants one prompt per image (a non-empty list of "
-                             f"{len(images)} strings), got {type(prompts).__name__} of length {len(prompts)}")
+                             f"{len(images)} strings), got {got}")
         with self._lock, torch.no_grad():
             scores, info = self.score(images, list(prompts))
         return scores.to(device=images.device, dtype=torch.float32), info
@@ -301,7 +304,8 @@ class ClipImageEncoder:
         self.vision, self.proj = clip.vision_model, clip.visual_projection
         for m in (self.vision, self.proj):
             m.to(device).eval().requires_grad_(False)
-        self.device, self.precision, self.chunk_size, self.quantize = torch.device(device), precision, chunk_size, quantize
+        self.device, self.precision = torch.device(device), precision
+        self.chunk_size, self.quantize = chunk_size, quantize
         self.dim = self.proj.out_features
         self._lock = threading.Lock()
         self._last = (None, -1, None)  # (weakref to the images, their _version, embeddings)
@@ -315,7 +319,8 @@ class ClipImageEncoder:
             x = quantize(x) if self.quantize else x.clamp(0, 1)
             px = torch.cat([normalize(resize_shortest_and_crop(c)) for c in x.split(self.chunk_size)])
             with _autocast(self.device, self.precision):
-                emb = torch.cat([self.proj(self.vision(pixel_values=c).pooler_output) for c in px.split(self.chunk_size)])
+                emb = torch.cat([self.proj(self.vision(pixel_values=c).pooler_output)
+                                 for c in px.split(self.chunk_size)])
             emb = F.normalize(emb.float(), dim=-1)
             self._last = (weakref.ref(images), images._version, emb)
             return emb
@@ -472,7 +477,7 @@ class WeightedSum(Reward):
 # names, options, build_reward
 
 REWARDS: dict[str, str] = {  # name -> one line for --help
-    "hps": "HPSv2.1 human preference score (same as hps-v2.1): cosine of open_clip ViT-H-14 image/text features, ~0.25-0.37",
+    "hps": "HPSv2.1 human preference (= hps-v2.1): cosine of open_clip ViT-H-14 image/text features, ~0.25-0.37",
     "hps-v2.1": "HPSv2.1 (xswu/HPSv2 HPS_v2.1_compressed.pt)",
     "hps-v2.0": "HPSv2.0 (xswu/HPSv2 HPS_v2_compressed.pt); not comparable with v2.1 scores",
     "aesthetic": "LAION aesthetic predictor v2 on CLIP ViT-L/14 (DDPO), ~5-6 for SD images",
@@ -542,8 +547,9 @@ def parse_spec(spec: str) -> list[tuple[str, float]]:
 def _coerce(name: str, value, typ: type):
     if value is None or isinstance(value, typ) and not (typ is int and isinstance(value, bool)):
         return value
-    if typ is bool and isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-        return value.lower() in ("1", "true", "yes", "on")
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if typ is bool and isinstance(value, str) and value.lower() in words:
+        return words[value.lower()]
     try:
         if typ is bool:
             raise ValueError
@@ -577,7 +583,9 @@ def _build_one(name: str, device: torch.device, o: dict, shared: dict) -> Reward
     if name in ("aesthetic", "diversity"):
         if "clip" not in shared:  # one CLIP ViT-L/14 for both
             shared["clip"] = ClipImageEncoder(o["clip_path"], device, **knobs)
-        return Aesthetic(shared["clip"], o["aesthetic_checkpoint"]) if name == "aesthetic" else Diversity(shared["clip"])
+        if name == "aesthetic":
+            return Aesthetic(shared["clip"], o["aesthetic_checkpoint"])
+        return Diversity(shared["clip"])
     if name == "pickscore":
         return PickScore(o["pickscore_path"], o["pickscore_processor"], device, **knobs)
     if name.startswith("jpeg-"):

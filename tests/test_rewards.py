@@ -424,7 +424,8 @@ def test_ranker_good_server(monkeypatch):
     assert all(h["Authorization"] == "Bearer sk-test" for h in state.headers)
     body = next(b for b in state.bodies if len(b["messages"][0]["content"]) == 7)
     assert body["model"] == "judge-vl"
-    assert '"p"' in body["messages"][0]["content"][0]["text"] and "JSON list" in body["messages"][0]["content"][0]["text"]
+    instruction = body["messages"][0]["content"][0]["text"]
+    assert '"p"' in instruction and "JSON list" in instruction and "[2, 1, 3]" in instruction
     assert info["details"]["ranker"]["rankings"]["p"] == [1, 0, 2] and info["warnings"] == []
 
 
@@ -547,6 +548,8 @@ def test_bad_specs_and_options():
     reward = build_reward("jpeg-compressibility")
     with pytest.raises(ValueError, match="one prompt per image"):
         reward(torch.rand(2, 3, 8, 8), ["only one"])
+    with pytest.raises(ValueError, match="one prompt per image.*got a str"):
+        reward(torch.rand(1, 3, 8, 8), "a cat")
     with pytest.raises(ValueError, match=r"float tensor \(B,3,H,W\)"):
         reward(torch.rand(2, 8, 8), ["a", "b"])
     text = rewards.reward_help()
