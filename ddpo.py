@@ -1,6 +1,7 @@
 """
-DDPO: the denoising chain as a policy, trained with PPO (Black et al. 2023, "Training Diffusion Models with
-Reinforcement Learning", eq. 4 DDPO_SF and eq. 5 DDPO_IS).
+DDPO: the denoising chain as a policy, trained with policy gradients (Black et al. 2023, "Training Diffusion
+Models with Reinforcement Learning": DDPO_SF, the score-function estimator, and DDPO_IS, importance sampling with
+a PPO-style clip).
 
 Each DDIM step with eta > 0 is a Gaussian action x_{t-1} ~ N(mu_theta(x_t, t, c), sigma_t^2 I), and its
 log-prob (mean over C,H,W, as in every public implementation) comes from scheduler.step(..., prev_sample=x_{t-1}).
@@ -33,6 +34,9 @@ Public API (used by train.py)
                  num_inner_epochs)
     ddpo_update(model, params, scheduler, samples, optimizer, cfg, *, cond_embeds, uncond_embeds, generator,
                 reference=None, autocast_dtype=None, progress=False) -> dict[str, float]
+        one epoch: shuffled mixed-timestep micro-batches, grad accumulation, clipping, optimizer steps; returns
+        loss, approx_kl, clipfrac, clipfrac_gt_one, clipfrac_lt_one, ratio_mean, kl (with a reference), grad_norm,
+        first_ratio_max_dev, items, optimizer_steps
 """
 import copy
 import math
@@ -292,10 +296,12 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
                          f"{cfg.optimizer_steps_per_epoch} optimizer steps; lower optimizer_steps_per_epoch or "
                          "raise timestep_fraction")
 
-    valid = torch.isfinite(samples.advantages)
+    adv = samples.advantages.to(dev).float()
+    valid = torch.isfinite(adv)
     if samples.valid is not None:
         valid &= samples.valid.to(dev).bool()
-    adv = torch.where(valid, samples.advantages.float(), 0.0).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+    adv = torch.where(valid, adv, 0.0).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
+    cond_embeds, uncond_embeds = cond_embeds.to(dev), uncond_embeds.to(dev)
     per_sample_uncond = uncond_embeds.shape[0] == b and b > 1
     autocast = torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
