@@ -517,7 +517,7 @@ OPTIONS: dict[str, tuple[type, object, str]] = {  # name -> (type, default, help
 def reward_help() -> str:
     """Text for --help: every reward name and option."""
     names = "\n".join(f"  {n:<24} {d}" for n, d in REWARDS.items())
-    opts = "\n".join(f"  {n:<24} {h} (default {d})" for n, (_, d, h) in OPTIONS.items())
+    opts = "\n".join(f"  {n:<24} {h}" + ("" if d is None else f" (default {d})") for n, (_, d, h) in OPTIONS.items())
     return f"rewards (spec: NAME or NAME=WEIGHT,NAME=WEIGHT,...):\n{names}\nreward options:\n{opts}"
 
 
