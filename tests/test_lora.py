@@ -207,30 +207,32 @@ def test_merge_and_remove_exports_plain_layout():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_base_with_fp32_adapters(dtype):
-    m = make()
+    ref = make()
+    lora.add_lora(ref, rank=4)
+    randomize_lora(ref, std=0.1)
+    x, c = inputs()
+    y32 = ref(x, c)
+    m = make().to(dtype)  # a low-precision base, as for LoRA training: adapters are created in fp32
     m.requires_grad_(False)
     params = lora.add_lora(m, rank=4)
-    randomize_lora(m, std=0.1)
-    ref = [p.detach().clone() for p in params]
-    x, c = inputs()
-    y32 = m(x, c)
-    m.to(dtype)  # casts everything, adapters included; put the adapters back to fp32 as a trainer would
     with torch.no_grad():
-        for p, r in zip(lora.lora_parameters(m), ref):
-            p.data = r.clone()
-    assert all(p.dtype == torch.float32 for p in lora.lora_parameters(m))
-    assert m.blocks[0].attn1.to_q.weight.dtype == dtype
+        for p, q in zip(params, lora.lora_parameters(ref)):
+            p.copy_(q)
+    assert all(p.dtype == torch.float32 for p in params) and m.blocks[0].attn1.to_q.weight.dtype == dtype
+    tol = dict(atol=0.05 if dtype == torch.bfloat16 else 0.01, rtol=0.02)  # measured: 0.021 / 0.0018 at |y| ~ 2.4
     y = m(x.to(dtype), c.to(dtype))  # no autocast: the adapter runs in the input dtype
     assert y.dtype == dtype
-    torch.testing.assert_close(y.float(), y32, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(y.float(), y32, **tol)
     if dtype == torch.bfloat16:  # CPU autocast supports bf16
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ya = m(x, c)
         ya.float().square().mean().backward()
-        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in lora.lora_parameters(m))
-        torch.testing.assert_close(ya.float(), y32, atol=0.1, rtol=0.05)
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+        torch.testing.assert_close(ya.float(), y32, **tol)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
     with lora.merged(m):
-        torch.testing.assert_close(m(x.to(dtype), c.to(dtype)).float(), y32, atol=0.1, rtol=0.05)
+        torch.testing.assert_close(m(x.to(dtype), c.to(dtype)).float(), y32, **tol)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
 
 
 def test_sd15_unet_adapter_count_and_diffusers_paths():
