@@ -337,9 +337,9 @@ def _download(repo: str, dtype: torch.dtype) -> Path:
         try:
             return Path(huggingface_hub.snapshot_download(repo, local_files_only=True))
         except Exception:
-            raise RuntimeError(f"{repo}: no such local folder, the Hugging Face Hub is unreachable ({reason}) and the "
-                               f"model is not in the hub cache; download it first (hf download {repo}) or pass a local diffusers "
-                               "folder or single-file checkpoint") from None
+            raise RuntimeError(f"{repo}: no such local folder, the Hugging Face Hub is unreachable ({reason}) and "
+                               f"the model is not in the hub cache; download it first (hf download {repo}) or pass "
+                               "a local diffusers folder or single-file checkpoint") from None
     patterns = hub_files(files, dtype, repo)
     try:
         return Path(huggingface_hub.snapshot_download(repo, allow_patterns=patterns))

@@ -27,8 +27,8 @@ SD1_UNET = dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlo
 SD2_UNET = dict(block_out_channels=(32, 64, 128), layers_per_block=2,
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-                attention_head_dim=(1, 1, 2), use_linear_projection=True, upcast_attention=True, cross_attention_dim=128,
-                norm_num_groups=32, sample_size=8)
+                attention_head_dim=(1, 1, 2), use_linear_projection=True, upcast_attention=True,
+                cross_attention_dim=128, norm_num_groups=32, sample_size=8)
 VAE = dict(block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, norm_num_groups=32, sample_size=32)
 TEXT = dict(vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
@@ -199,11 +199,14 @@ def clip_to_openclip(sd: dict, gen: torch.Generator) -> dict:
                     out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(qkv)
             else:
                 out[f"transformer.resblocks.{i}.{layer_map[name]}.{kind}"] = v
+    def dummy(*shape):   # (meta tensors stay meta: full-size layouts are checked without memory)
+        return torch.empty(shape, device="meta") if meta else torch.randn(shape, generator=gen)
+    meta = out["token_embedding.weight"].is_meta
     for k in [k for k in out if k.startswith("transformer.resblocks.0.")]:   # the unused last layer
-        out[k.replace(".0.", f".{n}.", 1)] = torch.randn(out[k].shape, generator=gen)
+        out[k.replace(".0.", f".{n}.", 1)] = dummy(*out[k].shape)
     width = out["token_embedding.weight"].shape[1]
-    out["text_projection"] = torch.randn(width, width, generator=gen)
-    out["logit_scale"] = torch.tensor(4.6052)
+    out["text_projection"] = dummy(width, width)
+    out["logit_scale"] = dummy()
     return {"cond_stage_model.model." + k: v for k, v in out.items()}
 
 

@@ -1,8 +1,10 @@
 """weights.py: every source loads the same model (diffusers folder == LDM single file == diffusers/transformers
 themselves), the tokenizer matches transformers (SD1) and open_clip (SD2), "tiny" is deterministic, fp16 file
 selection, and one-line errors for bad input. Offline, tiny random models."""
+import copy
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -12,24 +14,38 @@ from safetensors.torch import load_file, save_file
 
 import lora
 import weights
-from helpers_sd import save_diffusers_folder, save_single_file, tiny_sd, to_ldm_state_dict
+from helpers_sd import (clip_text_state_dict, clip_to_openclip, save_diffusers_folder, save_single_file, tiny_sd,
+                        to_ldm_state_dict, unet_to_ldm, vae_to_ldm)
+from unet import UNetConfig
+from vae import VAEConfig
 
 PROMPTS = ["a photo of an astronaut riding a horse on mars", "", "Hello, world!!! (test) -- 3.14 #tag @user",
-           "café naïve résumé — “quotes” ‘single’ don’t", "東京の夜景 🚀🌸 Ünïcödé ÅÄÖ ß", "It's I'M we'll THEY'D",
+           "café naïve résumé — “quotes” ‘single’ don’t", "東京の夜景 🚀🌸 Ünïcödé ÅÄÖ ß",
+           "It's I'M we'll THEY'D", "&amp; &lt;b&gt; ﬁ ½ ｆｕｌｌ",
            "  multiple   spaces\tand\nnewlines  ", " ".join(f"word{i}, and!" for i in range(60))]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sd1", "sd2"])
-def sources(request, tmp_path_factory):
-    """A tiny SD (diffusers/transformers modules), its diffusers folder and its single-file LDM checkpoint
-    (SD1 as .safetensors, SD2 as .ckpt)."""
-    sd2 = request.param
-    root = tmp_path_factory.mktemp("sd2" if sd2 else "sd1")
-    ref = tiny_sd(sd2=sd2, vae_layers=2 if sd2 else 1)
-    folder = save_diffusers_folder(root / "folder", ref, legacy_vae_names=not sd2,
-                                   prediction_type="v_prediction" if sd2 else "epsilon")
-    single = save_single_file(root / ("model.ckpt" if sd2 else "model.safetensors"), to_ldm_state_dict(ref))
-    return ref, folder, single
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """built(sd2) -> (tiny SD as diffusers/transformers modules, its diffusers folder, its single-file LDM
+    checkpoint: SD1 as .safetensors, SD2 as .ckpt), each made once per module."""
+    cache = {}
+
+    def get(sd2: bool):
+        if sd2 not in cache:
+            root = tmp_path_factory.mktemp("sd2" if sd2 else "sd1")
+            ref = tiny_sd(sd2=sd2, vae_layers=2 if sd2 else 1)
+            folder = save_diffusers_folder(root / "folder", ref, legacy_vae_names=not sd2,
+                                           prediction_type="v_prediction" if sd2 else "epsilon")
+            single = save_single_file(root / ("model.ckpt" if sd2 else "model.safetensors"), to_ldm_state_dict(ref))
+            cache[sd2] = ref, folder, single
+        return cache[sd2]
+    return get
+
+
+@pytest.fixture(params=[False, True], ids=["sd1", "sd2"])
+def sources(request, built):
+    return built(request.param)
 
 
 def _max_diff(a, b):
@@ -96,16 +112,17 @@ def test_tokenizer_sd1_matches_transformers():
     assert got[-1, -1] == 49407 and (got[-1] != 49407).sum() == 76   # truncated: BOS + 75 + EOS
 
 
-def test_tokenizer_sd2_matches_open_clip(sources):
+def test_tokenizer_sd2_matches_open_clip(built):
     import open_clip
-    ref, folder, _ = sources
-    want = open_clip.tokenize(PROMPTS)
+    want = open_clip.tokenize(PROMPTS)   # zero padding
     assert torch.equal(want, open_clip.get_tokenizer("ViT-H-14")(PROMPTS))
     got = weights.tokenize(weights.clip_tokenizer(), PROMPTS, openclip=True)
     assert torch.equal(got, want)
     assert got[1, :3].tolist() == [49406, 49407, 0]
-    if ref.sd2:   # the SD2 folder declares pad "!": the pipeline tokenizes like open_clip, "!!!" included
-        assert torch.equal(weights.load_pipeline(folder).tokenize(PROMPTS), want)
+    # the SD2 folder's tokenizer declares pad "!": the pipeline tokenizes like open_clip, "!!!" included
+    _, folder, single = built(True)
+    for source in (folder, single):
+        assert torch.equal(weights.load_pipeline(source).tokenize(PROMPTS), want)
 
 
 def test_tiny_is_deterministic_and_fast():
@@ -131,18 +148,20 @@ def test_tiny_is_deterministic_and_fast():
     assert seconds < 10
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision(sources, dtype):
+def test_half_precision(sources):
     ref, folder, single = sources
-    pipe32 = weights.load_pipeline(folder)
-    for source in (folder, single):
-        pipe = weights.load_pipeline(source, dtype=dtype)
-        assert all(p.dtype == dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
-        e32, e16 = pipe32.encode_prompts(["a cat"]), pipe.encode_prompts(["a cat"])
-        assert e16.dtype == dtype and _max_diff(e16, e32) < 0.1 * e32.abs().max().item()
+    ids = weights.tokenize(weights.clip_tokenizer(), ["a cat"], openclip=ref.sd2)
+    with torch.no_grad():
+        want = ref.text_encoder(ids).last_hidden_state
+    for dtype in (torch.bfloat16, torch.float16):
+        for source in (folder, single):
+            pipe = weights.load_pipeline(source, dtype=dtype)
+            assert all(p.dtype == dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters())
+            got = pipe.encode_prompts(["a cat"])
+            assert got.dtype == dtype and _max_diff(got, want) < 0.1 * want.abs().max().item()
 
 
-def test_fp16_variant_selection(sources, tmp_path, monkeypatch):
+def test_fp16_variant_selection(built, tmp_path, monkeypatch):
     files = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
              "safety_checker/model.safetensors", "safety_checker/config.json", "v1-5-pruned-emaonly.safetensors",
              "feature_extractor/preprocessor_config.json"]
@@ -153,7 +172,8 @@ def test_fp16_variant_selection(sources, tmp_path, monkeypatch):
     half = weights.hub_files(files, torch.float16)
     assert sorted(half) == sorted(
         ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
-         "unet/config.json", "vae/config.json", "text_encoder/config.json", "unet/diffusion_pytorch_model.fp16.safetensors",
+         "unet/config.json", "vae/config.json", "text_encoder/config.json",
+         "unet/diffusion_pytorch_model.fp16.safetensors",
          "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/model.fp16.safetensors"])
     assert weights.hub_files(files, torch.bfloat16) == half
     full = weights.hub_files(files, torch.float32)
@@ -166,18 +186,15 @@ def test_fp16_variant_selection(sources, tmp_path, monkeypatch):
         weights.hub_files([f for f in files if not f.startswith("unet/")], torch.float16, "org/x")
 
     # the hub path end to end, with the hub faked: only the chosen files are asked for, the folder is loaded
-    ref, folder, _ = sources
-    local = tmp_path / "snapshot"
-    os.symlink(folder, local)
-    listing = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
-    variant = folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"
-    save_file({k: v.half() for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items()},
-              variant)
-    calls = []
-    monkeypatch.setattr(weights.huggingface_hub, "list_repo_files", lambda repo: listing + [str(variant.relative_to(folder))])
+    _, folder, _ = built(False)
+    local = Path(shutil.copytree(folder, tmp_path / "snapshot", copy_function=os.symlink))
+    full = local / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(full).items()}, full.with_suffix(".fp16.safetensors"))
+    listing = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()]
+    calls, read = [], []
+    monkeypatch.setattr(weights.huggingface_hub, "list_repo_files", lambda repo: listing)
     monkeypatch.setattr(weights.huggingface_hub, "snapshot_download",
                         lambda repo, allow_patterns=None, **kw: calls.append(allow_patterns) or str(local))
-    read = []
     real_read = weights.read_weights
     monkeypatch.setattr(weights, "read_weights", lambda p, **kw: read.append(Path(p).name) or real_read(p, **kw))
     pipe = weights.load_pipeline("org/tiny-sd", dtype=torch.float16)
@@ -185,9 +202,8 @@ def test_fp16_variant_selection(sources, tmp_path, monkeypatch):
     assert "unet/diffusion_pytorch_model.safetensors" not in calls[0]
     assert read[0] == "diffusion_pytorch_model.fp16.safetensors" and pipe.source == "org/tiny-sd"
     read.clear()
-    weights.load_pipeline(folder)
+    weights.load_pipeline(local)
     assert read[0] == "diffusion_pytorch_model.safetensors"   # fp32 reads the full file
-    variant.unlink()
 
 
 def test_hub_offline_error(monkeypatch, tmp_path):
@@ -242,7 +258,8 @@ def test_bad_inputs(sources, tmp_path):
     msg = error(save_single_file(tmp_path / "sdxl.safetensors", sdxl))
     assert "not a Stable Diffusion 1.x/2.x checkpoint" in msg and "cond_stage_model.*" in msg
     assert "conditioner.embedders.0.transformer" in msg
-    msg = error(save_single_file(tmp_path / "random.safetensors", {"fc.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(3)}))
+    random_sd = {"fc.weight": torch.zeros(3, 3), "fc.bias": torch.zeros(3)}
+    msg = error(save_single_file(tmp_path / "random.safetensors", random_sd))
     assert "missing keys 3 (model.diffusion_model.*, first_stage_model.*, cond_stage_model.*)" in msg
     assert "unexpected keys 2 (fc.bias, fc.weight)" in msg
     ldm = to_ldm_state_dict(ref)
@@ -254,12 +271,12 @@ def test_bad_inputs(sources, tmp_path):
 
     # wrong shapes: a folder whose config does not match its weights
     bad = tmp_path / "bad_folder"
-    os.symlink(folder, tmp_path / "src")
     for comp in ("vae", "text_encoder", "tokenizer", "scheduler"):
         (bad / comp).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(folder / comp, bad / comp)
     (bad / "unet").mkdir()
-    os.symlink(folder / "unet" / "diffusion_pytorch_model.safetensors", bad / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_file = "diffusion_pytorch_model.safetensors"
+    os.symlink(folder / "unet" / unet_file, bad / "unet" / unet_file)
     config = json.loads((folder / "unet" / "config.json").read_text())
     (bad / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": 64}))
     msg = error(bad)
@@ -271,10 +288,8 @@ def test_bad_inputs(sources, tmp_path):
     assert "prediction_type" in error("tiny", prediction_type="v-pred")
 
 
-def test_load_finetuned(sources, tmp_path):
-    ref, folder, _ = sources
-    if ref.sd2:
-        pytest.skip("one base model is enough")
+def test_load_finetuned(built, tmp_path):
+    _, folder, _ = built(False)
     pipe = weights.load_pipeline(folder)
     x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 20])
     ctx = pipe.encode_prompts(["a", "b"])
@@ -282,7 +297,7 @@ def test_load_finetuned(sources, tmp_path):
         base = pipe.unet(x, t, ctx)
 
     # a full UNet export: <run>/export/unet/{config.json, diffusion_pytorch_model.safetensors}
-    tuned = weights.load_pipeline(folder).unet
+    tuned = copy.deepcopy(pipe.unet)
     with torch.no_grad():
         tuned.conv_out.bias.add_(0.5)
         want = tuned(x, t, ctx)
@@ -297,7 +312,7 @@ def test_load_finetuned(sources, tmp_path):
 
     # a LoRA export: <run>/export/lora.safetensors
     pipe = weights.load_pipeline(folder)
-    lora_unet = weights.load_pipeline(folder).unet
+    lora_unet = copy.deepcopy(pipe.unet)
     lora.add_lora(lora_unet, rank=2)
     with torch.no_grad():
         for p in lora.lora_parameters(lora_unet):
@@ -311,3 +326,51 @@ def test_load_finetuned(sources, tmp_path):
     assert _max_diff(got, want) <= 1e-6 and _max_diff(got, base) > 1e-3
     with pytest.raises(FileNotFoundError, match="no export/lora.safetensors"):
         weights.load_finetuned(pipe, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["sd15", "sd21-base", "sd21-v"])
+def test_full_size_layouts(preset):
+    """The real SD architectures, on the meta device (no memory): diffusers -> LDM -> our renaming gives back
+    every key and shape, the configs inferred from the shapes are the presets, and the parameter counts are
+    those of sd_architecture.md §1.1, §2.1, §3."""
+    from diffusers import AutoencoderKL as DiffusersVAE, UNet2DConditionModel as DiffusersUNet
+    from transformers import CLIPTextConfig, CLIPTextModel
+    sd2, v = preset != "sd15", preset == "sd21-v"
+    with torch.device("meta"):
+        unet = DiffusersUNet.from_config(UNetConfig.preset(preset).to_dict())
+        vae = DiffusersVAE.from_config(VAEConfig.preset("sd").to_dict())
+        text = CLIPTextModel(CLIPTextConfig(hidden_size=1024 if sd2 else 768, num_hidden_layers=23 if sd2 else 12,
+                                            intermediate_size=4096 if sd2 else 3072, num_attention_heads=16 if sd2 else 12,
+                                            hidden_act="gelu" if sd2 else "quick_gelu"))
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+    shapes = lambda d: {k: tuple(t.shape) for k, t in d.items()}   # noqa: E731
+
+    ldm = unet_to_ldm(unet_sd, 2, [t.startswith("CrossAttn") for t in unet.config.up_block_types])
+    back = weights.ldm_unet_to_diffusers({k.removeprefix("model.diffusion_model."): t for k, t in ldm.items()})
+    assert len(back) == 686 and shapes(back) == shapes(unet_sd)
+    config = weights.unet_config_from_weights(back, v_prediction=v)
+    assert config == UNetConfig.preset(preset)
+    ours = weights._build_unet(config, back, preset)
+    assert sum(p.numel() for p in ours.parameters()) == (865_910_724 if sd2 else 859_520_964)
+
+    ldm = vae_to_ldm(vae_sd, 4)
+    back = weights.ldm_vae_to_diffusers({k.removeprefix("first_stage_model."): t for k, t in ldm.items()})
+    assert len(back) == 248 and shapes(back) == shapes(vae_sd)
+    assert weights.vae_config_from_weights(back) == VAEConfig.preset("sd")
+    ours = weights._build_vae(weights.vae_config_from_weights(back), back, "vae")
+    assert sum(p.numel() for p in ours.parameters()) == 83_653_863
+
+    hub = clip_text_state_dict(text)
+    if sd2:   # 24 OpenCLIP resblocks (fused in_proj) -> the 23-layer tower
+        ldm = clip_to_openclip(hub, torch.Generator())
+        assert sum(k.endswith("attn.in_proj_weight") for k in ldm) == 24
+        hub_back = weights.openclip_to_clip({k.removeprefix("cond_stage_model.model."): t for k, t in ldm.items()
+                                             if not weights.IGNORED.search(k)})
+        assert shapes(hub_back) == shapes(hub)
+    config = weights.clip_config_from_weights(hub, "gelu" if sd2 else "quick_gelu")
+    for field in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "hidden_act",
+                  "vocab_size", "max_position_embeddings"):
+        assert getattr(config, field) == getattr(text.config, field), field
+    ours = weights._build_text_encoder(config, hub, "text")
+    assert sum(p.numel() for p in ours.parameters()) == (340_387_840 if sd2 else 123_060_480)
