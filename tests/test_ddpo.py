@@ -348,18 +348,20 @@ def test_bad_inputs_give_clear_errors():
         ddpo.ddpo_update(net, [net.w], sched, samples_of(traj, torch.zeros(3)), opt, ddpo.UpdateConfig(), **kw)
 
 
-def test_bf16_autocast_update_runs_with_fp32_master_weights():
+def test_bf16_autocast_update_with_fp32_master_weights():
+    """Under bf16 autocast the ratio is still exactly 1 on the first micro-step when the rollout ran under the same
+    autocast (the precision path, not the batch composition, is what matters on CPU)."""
     sched = DDIMScheduler(SchedulerConfig(), num_steps=3)
     unet = tiny_unet()
     params = list(unet.parameters())
-    traj, cond, uncond = make_rollout(unet, sched, b=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        traj, cond, uncond = make_rollout(unet, sched, b=2)
     m = ddpo.ddpo_update(unet, params, sched, samples_of(traj, torch.tensor([1.0, -1.0])),
                          torch.optim.AdamW(params, lr=1e-4), ddpo.UpdateConfig(guidance=3.0, micro_batch=3),
                          cond_embeds=cond, uncond_embeds=uncond, generator=torch.Generator(),
                          autocast_dtype=torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in params) and np.isfinite(m["loss"]) and m["grad_norm"] > 0
-    # bf16 compute re-scores an fp32 rollout only approximately; the ratio is still close to 1
-    assert m["first_ratio_max_dev"] < 0.05
+    assert m["first_ratio_max_dev"] <= 1e-6
 
 
 def test_learning_raises_a_toy_reward():
