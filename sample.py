@@ -1,0 +1,235 @@
+"""
+Sample images from Stable Diffusion, base or DDPO fine-tuned, and write a captioned grid.
+
+Each image is one rollout of the DDIM policy of scheduler.py: x_T ~ N(0, I), then N guided steps
+    x_{t'} = μ_θ(x_t, c) + σ_t·z,   ε̂ = ε(x_t, ∅) + w·(ε(x_t, c) − ε(x_t, ∅))   (Ho & Salimans 2022)
+with all noise drawn from the image's own seed: column j of the grid uses seed --seed + j for every prompt, at any
+--batch-size, so base and fine-tuned (--compare) start from identical noise and differ only by the weights.
+
+    python sample.py --model tiny --prompt "a photo of a cat" --n 4 --out cat.png          # offline, seconds
+    python sample.py --prompt "a photo of a cat" --finetuned runs/hps --compare --reward hps --out compare.png
+
+Grid: rows = prompts, columns = samples (two labelled column groups with --compare); each image is captioned with
+its seed and, with --reward, its score. make_grid() is importable for other scripts' sample grids.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import lora
+from rewards import build_reward, reward_help
+from scheduler import DDIMScheduler, SchedulerConfig, rollout
+from weights import DEFAULT_MODEL, load_finetuned, load_pipeline
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_PROMPTS = ["a photo of a cat", "a watercolor painting of a lighthouse at dawn"]
+
+# -----------------------------------------------------------------------------------------------------------
+# the grid
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int) -> list[str]:
+    """Greedy word wrap to `width` pixels; the last kept line ends in '…' if text was cut."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split(" "):
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines]
+        while lines[-1] and draw.textlength(lines[-1] + "…", font=font) > width:
+            lines[-1] = lines[-1][:-1]
+        lines[-1] += "…"
+    return lines
+
+
+def _to_pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def make_grid(images, ncols: int, captions: list[str] | None = None, row_labels: list[str] | None = None,
+              col_labels: list[str] | None = None, min_cell: int = 160, font_size: int = 13,
+              max_caption_lines: int = 3) -> Image.Image:
+    """Images (N,3,H,W) in [0,1] or a list of PIL images, row-major, into a grid of `ncols` columns.
+
+    captions: one per image, written under it; row_labels: one per row, written above it (e.g. the prompt);
+    col_labels: one per column, written on top, equal neighbours merged into one centred group label with a gap
+    between groups (e.g. ["base"]*4 + ["fine-tuned"]*4). Small images are upscaled (nearest) to >= min_cell px."""
+    pil = [_to_pil(im) for im in images]
+    if not pil:
+        raise ValueError("make_grid: no images to put in the grid")
+    nrows = math.ceil(len(pil) / ncols)
+    for name, labels, want in (("captions", captions, len(pil)), ("row_labels", row_labels, nrows),
+                               ("col_labels", col_labels, ncols)):
+        if labels is not None and len(labels) != want:
+            raise ValueError(f"make_grid: {len(labels)} {name} for {want} {'images' if name == 'captions' else name[:3] + 's'}")
+    w, h = pil[0].size
+    scale = max(1, math.ceil(min_cell / w))
+    cw, ch = w * scale, h * scale
+    font = ImageFont.load_default(size=font_size)
+    line_h, pad = font_size + 4, 6
+    scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # column x positions, with a wider gap where the column label changes
+    groups = [0] * ncols
+    for c in range(1, ncols):
+        groups[c] = groups[c - 1] + (col_labels is not None and col_labels[c] != col_labels[c - 1])
+    xs = [pad + c * (cw + pad) + groups[c] * 3 * pad for c in range(ncols)]
+    width = xs[-1] + cw + pad
+    cap_lines = [_wrap(scratch, c, font, cw, max_caption_lines) for c in captions] if captions else None
+    row_lines = [_wrap(scratch, r, font, width - 2 * pad, 2) for r in row_labels] if row_labels else None
+    header_h = line_h + pad if col_labels else 0
+    label_h = (max(map(len, row_lines)) * line_h if row_lines else 0)
+    caption_h = (max(map(len, cap_lines)) * line_h if cap_lines else 0)
+    row_h = label_h + ch + caption_h + 2 * pad
+    grid = Image.new("RGB", (width, header_h + nrows * row_h + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    if col_labels:
+        start = 0
+        for c in range(1, ncols + 1):
+            if c == ncols or col_labels[c] != col_labels[start]:
+                mid = (xs[start] + xs[c - 1] + cw) / 2
+                draw.text((mid, pad), col_labels[start], fill="black", font=font, anchor="ma")
+                start = c
+    for i, im in enumerate(pil):
+        r, c = divmod(i, ncols)
+        y = header_h + r * row_h + pad
+        if row_lines and c == 0:
+            for k, line in enumerate(row_lines[r]):
+                draw.text((pad, y + k * line_h), line, fill="black", font=font)
+        grid.paste(im.resize((cw, ch), Image.NEAREST) if scale > 1 else im, (xs[c], y + label_h))
+        if cap_lines:
+            for k, line in enumerate(cap_lines[i]):
+                draw.text((xs[c], y + label_h + ch + 2 + k * line_h), line, fill=(60, 60, 60), font=font)
+    return grid
+
+# -----------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    out = list(prompts or [])
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"--prompts {path}: no such file; pass a text file with one prompt per line")
+        out += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        if not out:
+            raise ValueError(f"--prompts {path}: no prompts in it (one per line; blank and # lines are skipped)")
+    return out or list(DEFAULT_PROMPTS)
+
+
+@torch.no_grad()
+def generate(pipe, scheduler: DDIMScheduler, prompts: list[str], seeds: list[int], *, negative_prompt: str = "",
+             guidance: float = 5.0, eta: float = 1.0, size: int | None = None, batch_size: int = 8,
+             desc: str = "sampling") -> torch.Tensor:
+    """One image per (prompt, seed) pair, in that order: (B,3,H,W) fp32 in [0,1] on the CPU."""
+    uncond = pipe.encode_prompts([negative_prompt])
+    images = []
+    with lora.merged(pipe.unet):  # fold any LoRA adapters into the weights: plain-Linear speed while sampling
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc):
+            cond = pipe.encode_prompts(prompts[i:i + batch_size])
+            traj = rollout(pipe.unet, pipe.vae, scheduler, cond, uncond, guidance=guidance, eta=eta,
+                           seeds=seeds[i:i + batch_size], height=size, width=size, progress=True)
+            images.append(traj.images.cpu())
+    return torch.cat(images)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Sample a captioned image grid from SD (base or DDPO fine-tuned).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, diffusers folder, .safetensors/.ckpt file, or 'tiny' (offline random SD)")
+    p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several); default: two built-in prompts")
+    p.add_argument("--prompts", metavar="FILE", help="text file with one prompt per line (added after the --prompt ones)")
+    p.add_argument("--n", type=int, default=4, help="images per prompt (grid columns)")
+    p.add_argument("--seed", type=int, default=0, help="column j uses seed SEED+j, for every prompt and model")
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = no guidance)")
+    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 = DDPO's stochastic policy, 0 = deterministic DDIM")
+    p.add_argument("--size", type=int, help="image size in pixels (default: the model's native size)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional branch of CFG)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="model dtype; auto = fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (no effect on the images)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the model's (single-file SD 2.1-768 needs v_prediction)")
+    p.add_argument("--finetuned", metavar="CKPT", help="trainer output to apply: run dir, LoRA .safetensors, or full UNet folder/file")
+    p.add_argument("--compare", action="store_true", help="with --finetuned: base and fine-tuned side by side, identical seeds")
+    p.add_argument("--reward", metavar="SPEC", help=f"score every image, print and caption the scores ({reward_help()})")
+    p.add_argument("--out", default="samples.png", help="output PNG path for the grid")
+    args = p.parse_args(argv)
+    for name in ("n", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.eta <= 1.0:
+        p.error(f"--eta must be in [0, 1], got {args.eta}")
+    if args.compare and not args.finetuned:
+        p.error("--compare needs --finetuned CKPT (the model to compare the base with)")
+    return args
+
+
+def main(argv=None) -> dict:
+    """Run the script; returns {variant label: (images (B,3,H,W) CPU, scores list or None)}, prompt-major."""
+    args = parse_args(argv)
+    t_start = time.time()
+    prompts = read_prompts(args.prompt, args.prompts)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
+    pipe = load_pipeline(args.model, device, dtype, prediction_type=args.prediction_type)
+    scheduler = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), args.steps, device)
+    reward = build_reward(args.reward, device=device) if args.reward else None
+
+    variants = [("base", None), ("fine-tuned", args.finetuned)] if args.compare else \
+               [("fine-tuned" if args.finetuned else "base", args.finetuned)]
+    jobs = [(p, args.seed + j) for p in prompts for j in range(args.n)]  # prompt-major: the grid's row order
+    results = {}
+    for label, ckpt in variants:
+        if ckpt:
+            load_finetuned(pipe, ckpt)
+        images = generate(pipe, scheduler, [p for p, _ in jobs], [s for _, s in jobs],
+                          negative_prompt=args.negative_prompt, guidance=args.guidance, eta=args.eta,
+                          size=args.size, batch_size=args.batch_size, desc=label)
+        scores = reward(images.to(device), [p for p, _ in jobs])[0].tolist() if reward else None
+        results[label] = (images, scores)
+
+    # rows = prompts; per row, each variant's n columns
+    cells, captions = [], []
+    for i, prompt in enumerate(prompts):
+        for label, _ in variants:
+            images, scores = results[label]
+            for j in range(args.n):
+                k = i * args.n + j
+                cells.append(images[k])
+                caption = f"seed {jobs[k][1]}" + (f" · {args.reward} {scores[k]:.4g}" if reward else "")
+                captions.append(caption)
+                if reward:
+                    print(f"{label}\tseed {jobs[k][1]}\t{args.reward}={scores[k]:.6g}\t{prompt}")
+    if reward:
+        for label, _ in variants:
+            print(f"{label}: mean {args.reward} = {sum(results[label][1]) / len(jobs):.6g} over {len(jobs)} images")
+    col_labels = [label for label, _ in variants for _ in range(args.n)] if args.compare else None
+    grid = make_grid(cells, ncols=len(variants) * args.n, captions=captions, row_labels=prompts, col_labels=col_labels)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    print(f"wrote {out} ({len(prompts)} prompts x {len(variants) * args.n} images, {grid.width}x{grid.height} px) "
+          f"in {time.time() - t_start:.1f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""sample.py: the grid, prompt files, seeds independent of batch size, --finetuned/--compare, and the CLI offline."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import lora
+import sample
+from scheduler import DDIMScheduler, SchedulerConfig
+from weights import load_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 5-10x to contention
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_make_grid_layout_and_labels():
+    colours = torch.linspace(0, 1, 5)
+    images = torch.stack([torch.full((3, 16, 16), float(c)) for c in colours])  # 5 flat grey images
+    grid = sample.make_grid(images, ncols=3, captions=[f"img {i}" for i in range(5)], row_labels=["row a", "row b"],
+                            col_labels=["base", "base", "tuned"], min_cell=64)
+    assert grid.mode == "RGB"
+    # 16 px cells upscaled x4 to 64 px; 3 columns with pad 6 plus a 3*pad gap between the two column groups
+    assert grid.width == 6 + 3 * (64 + 6) + 18
+    px = grid.load()
+    # the middle of each pasted cell carries its image's grey level (row-major), text never overlaps an image
+    lines = (13 + 4)
+    for i, c in enumerate(colours.tolist()):
+        r, col = divmod(i, 3)
+        x = 6 + col * 70 + (18 if col == 2 else 0) + 32
+        y = (lines + 6) + r * (lines + 64 + lines + 12) + 6 + lines + 32
+        assert px[x, y] == (round(c * 255),) * 3, (i, px[x, y])
+    with pytest.raises(ValueError, match="captions"):
+        sample.make_grid(images, ncols=3, captions=["one"])
+    with pytest.raises(ValueError, match="no images"):
+        sample.make_grid([], ncols=3)
+    # PIL inputs, a long caption is wrapped and cut to max_caption_lines
+    pil = [Image.new("RGB", (200, 200), "red")]
+    long = sample.make_grid(pil, ncols=1, captions=["word " * 200], max_caption_lines=2)
+    short = sample.make_grid(pil, ncols=1, captions=["word"], max_caption_lines=2)
+    assert long.size[0] == short.size[0] == 212 and long.size[1] == short.size[1] + 17
+
+
+def test_read_prompts(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\n\n# a comment\n  a dog  \n")
+    assert sample.read_prompts(["first"], str(f)) == ["first", "a cat", "a dog"]
+    assert sample.read_prompts(None, None) == sample.DEFAULT_PROMPTS
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        sample.read_prompts(None, str(tmp_path / "missing.txt"))
+
+
+def test_same_seed_same_image_at_any_batch_size():
+    pipe = load_pipeline("tiny")
+    sched = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), 5)
+    prompts, seeds = ["a cat", "a dog", "a cat"], [3, 4, 5]
+    together = sample.generate(pipe, sched, prompts, seeds, batch_size=3)
+    alone = sample.generate(pipe, sched, prompts[1:2], seeds[1:2], batch_size=1)
+    assert together.shape == (3, 3, 64, 64) and together.dtype == torch.float32
+    assert (together[1] - alone[0]).abs().max().item() <= 1e-5
+    assert (together[0] - together[2]).abs().max().item() > 1e-3  # same prompt, other seed: another image
+
+
+def _finetuned_checkpoints(tmp_path):
+    """A LoRA file and a full-UNet run dir in the trainer's export formats (CONTRACTS.md), both != the base."""
+    pipe = load_pipeline("tiny")
+    lora.add_lora(pipe.unet, rank=2)
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    lora_file = tmp_path / "lora.safetensors"
+    lora.save_lora(lora_file, pipe.unet, {"base_model": "tiny"})
+    run = tmp_path / "run"
+    (run / "export" / "unet").mkdir(parents=True)
+    full = lora.merge_and_remove(pipe.unet)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()},
+              str(run / "export" / "unet" / "diffusion_pytorch_model.safetensors"),
+              metadata={"format": "nanoddpo-unet", "base_model": "tiny"})
+    (run / "export" / "unet" / "config.json").write_text(json.dumps(full.config.to_dict()))
+    return lora_file, run
+
+
+def test_finetuned_and_compare(tmp_path):
+    lora_file, run = _finetuned_checkpoints(tmp_path)
+    common = ["--model", "tiny", "--prompt", "a cat", "--prompt", "a dog", "--n", "2", "--steps", "4",
+              "--device", "cpu", "--seed", "7"]
+    res = sample.main(common + ["--finetuned", str(lora_file), "--compare", "--out", str(tmp_path / "cmp.png")])
+    base, tuned = res["base"][0], res["fine-tuned"][0]
+    assert base.shape == tuned.shape == (4, 3, 64, 64)
+    assert (base - tuned).abs().max().item() > 1e-3  # the adapters change the images
+    # identical seeds: the base half equals a base-only run, the fine-tuned half equals the full-UNet export
+    only_base = sample.main(common + ["--batch-size", "1", "--out", str(tmp_path / "base.png")])
+    assert (only_base["base"][0] - base).abs().max().item() <= 1e-5
+    full = sample.main(common + ["--finetuned", str(run), "--out", str(tmp_path / "full.png")])
+    assert (full["fine-tuned"][0] - tuned).abs().max().item() <= 1e-4
+    wide, narrow = Image.open(tmp_path / "cmp.png"), Image.open(tmp_path / "base.png")
+    assert wide.width > 2 * narrow.width - 20 and wide.height > narrow.height  # two column groups + their labels
+
+
+def test_cli_writes_a_grid_offline_with_scores(tmp_path):
+    out = tmp_path / "grid.png"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "sample.py", "--model", "tiny", "--prompt", "a red apple", "--n", "3", "--steps", "10",
+           "--reward", "jpeg-compressibility", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert Image.open(out).size[0] >= 3 * 64
+    scores = [ln for ln in proc.stdout.splitlines() if ln.startswith("base\tseed")]
+    assert len(scores) == 3 and all("jpeg-compressibility=-" in ln for ln in scores)
+
+
+def test_cli_help_and_bad_flags(capsys):
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--model", "--prompt ", "--prompts", "--n ", "--seed", "--steps", "--guidance", "--eta", "--size",
+                 "--negative-prompt", "--dtype", "--device", "--batch-size", "--finetuned", "--compare", "--reward",
+                 "--out"):
+        assert flag in help_text, flag
+    for argv, message in ((["--compare"], "--compare needs --finetuned"), (["--n", "0"], "--n must be >= 1"),
+                          (["--eta", "2"], "--eta must be in [0, 1]")):
+        with pytest.raises(SystemExit):
+            sample.parse_args(argv)
+        assert message in capsys.readouterr().err
