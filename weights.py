@@ -276,18 +276,29 @@ def _bytes_to_unicode() -> dict[int, str]:
 @lru_cache
 def clip_tokenizer() -> CLIPTokenizer:
     """The CLIP BPE tokenizer, offline. It is the same for SD1 and SD2; only tokenize()'s padding differs."""
-    return CLIPTokenizer.from_pretrained(str(_clip_bpe_folder()), model_max_length=MAX_TOKENS)
+    folder = _clip_bpe_folder()
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS)
 
 
 def _folder_tokenizer(folder: Path) -> tuple[CLIPTokenizer, bool]:
-    """A hub tokenizer/ folder; SD2's declares pad_token "!" (-> open_clip tokenization, see tokenize())."""
-    pad = EOS
+    """A tokenizer/ folder: the hub's vocab.json + merges.txt, or the tokenizer.json transformers 5.x saves
+    (the same BPE inside). We build it from the BPE alone, leaving out the folder's special-token setup: SD2's
+    pad token "!" must not become a special token (see tokenize()); it only tells us to tokenize like open_clip."""
+    pad = None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        if (folder / name).exists():
-            p = json.loads((folder / name).read_text()).get("pad_token")
-            pad = (p.get("content") if isinstance(p, dict) else p) or pad
-            break
-    tok = CLIPTokenizer.from_pretrained(str(folder), pad_token=EOS, model_max_length=MAX_TOKENS)
+        if pad is None and (folder / name).exists():
+            pad = _read_config(folder / name).get("pad_token")
+            pad = pad.get("content") if isinstance(pad, dict) else pad   # {"content": "!", ...} in some files
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    if vocab.exists() and merges.exists():
+        tok = CLIPTokenizer(str(vocab), str(merges), model_max_length=MAX_TOKENS)
+    elif (folder / "tokenizer.json").exists():
+        bpe = _read_config(folder / "tokenizer.json")["model"]
+        pairs = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]
+        tok = CLIPTokenizer(bpe["vocab"], pairs, model_max_length=MAX_TOKENS)
+    else:
+        raise FileNotFoundError(f"{folder}: neither vocab.json + merges.txt nor tokenizer.json; restore the "
+                                "tokenizer files")
     return tok, pad == "!"
 
 # -----------------------------------------------------------------------------------------------------------
@@ -617,8 +628,12 @@ def load_finetuned(pipe: Pipeline, path) -> Pipeline:
                                 "diffusion_pytorch_model.safetensors inside; pass a run dir, a LoRA file or a UNet")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file or folder; pass a run dir, a LoRA file or a UNet folder")
-    with safe_open(str(path), framework="pt") as f:
-        meta, is_lora = f.metadata() or {}, any(k.endswith(".lora_A.weight") for k in f.keys())
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta, is_lora = f.metadata() or {}, any(k.endswith(".lora_A.weight") for k in f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({_first_line(e)}); pass the trainer's "
+                         "export/lora.safetensors or export/unet/") from None
     base = meta.get("base_model")
     if base and base != pipe.source:
         warnings.warn(f"{path} was trained on {base}, applying it to {pipe.source}")

@@ -112,8 +112,9 @@ def test_tokenizer_sd1_matches_transformers():
     assert got[-1, -1] == 49407 and (got[-1] != 49407).sum() == 76   # truncated: BOS + 75 + EOS
 
 
-def test_tokenizer_sd2_matches_open_clip(built):
+def test_tokenizer_sd2_matches_open_clip(built, tmp_path):
     import open_clip
+    from transformers import CLIPTokenizer
     want = open_clip.tokenize(PROMPTS)   # zero padding
     assert torch.equal(want, open_clip.get_tokenizer("ViT-H-14")(PROMPTS))
     got = weights.tokenize(weights.clip_tokenizer(), PROMPTS, openclip=True)
@@ -123,6 +124,12 @@ def test_tokenizer_sd2_matches_open_clip(built):
     _, folder, single = built(True)
     for source in (folder, single):
         assert torch.equal(weights.load_pipeline(source).tokenize(PROMPTS), want)
+    # the same from a tokenizer folder saved by transformers 5.x (tokenizer.json, "!" an added special token)
+    CLIPTokenizer(str(folder / "tokenizer" / "vocab.json"), str(folder / "tokenizer" / "merges.txt"),
+                  pad_token="!").save_pretrained(tmp_path)
+    assert not (tmp_path / "vocab.json").exists()
+    tokenizer, openclip = weights._folder_tokenizer(tmp_path)
+    assert openclip and torch.equal(weights.tokenize(tokenizer, PROMPTS, openclip), want)
 
 
 def test_tiny_is_deterministic_and_fast():
@@ -326,6 +333,9 @@ def test_load_finetuned(built, tmp_path):
     assert _max_diff(got, want) <= 1e-6 and _max_diff(got, base) > 1e-3
     with pytest.raises(FileNotFoundError, match="no export/lora.safetensors"):
         weights.load_finetuned(pipe, tmp_path)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"junk\.safetensors: not a readable safetensors file \(.*\); pass"):
+        weights.load_finetuned(pipe, tmp_path / "junk.safetensors")
 
 
 @pytest.mark.slow
