@@ -210,11 +210,6 @@ def draw_noise(seeds: list[int], shape: tuple, num_steps: int) -> torch.Tensor:
     return out
 
 
-def _module_dtype(module, default: torch.dtype) -> torch.dtype:
-    p = next(module.parameters(), None) if isinstance(module, torch.nn.Module) else None
-    return default if p is None else p.dtype
-
-
 @torch.no_grad()
 def rollout(unet: Callable, vae, scheduler: DDIMScheduler, cond: torch.Tensor, uncond: torch.Tensor | None, *,
             guidance: float = 5.0, eta: float = 1.0, seeds: list[int], latents: torch.Tensor | None = None,
@@ -234,6 +229,8 @@ def rollout(unet: Callable, vae, scheduler: DDIMScheduler, cond: torch.Tensor, u
     N = len(scheduler.timesteps)
     if latents is not None:
         shape = tuple(latents.shape[1:])
+    elif vae is None:
+        raise ValueError("rollout: without a vae the latent shape is unknown; pass latents (x_T) or the vae")
     else:
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         height = height or unet.config.sample_size * factor
@@ -254,5 +251,5 @@ def rollout(unet: Callable, vae, scheduler: DDIMScheduler, cond: torch.Tensor, u
         x = out.prev_sample
         traj[:, i + 1] = x
         log_probs[:, i] = out.log_prob
-    images = vae.decode_latents(x.to(_module_dtype(vae, x.dtype)), chunk_size=vae_chunk) if decode else None
+    images = vae.decode_latents(x, chunk_size=vae_chunk) if decode else None  # the VAE casts to its dtype
     return Trajectory(images, traj, log_probs, scheduler.timesteps.expand(B, N).clone())
