@@ -372,24 +372,24 @@ def _from_folder(root: Path, dtype: torch.dtype):
             raise FileNotFoundError(f"{root}: not a diffusers Stable Diffusion folder: {name} is missing; pass "
                                     "a folder written by save_pretrained (unet/ vae/ text_encoder/ tokenizer/ "
                                     "scheduler/) or a single-file checkpoint")
-    weights = {}
+    files, configs = {}, {}
     for comp, stem in COMPONENTS.items():
         name = pick_weights(os.listdir(root / comp), stem, dtype)
         if name is None:
             raise FileNotFoundError(f"{root / comp}: no {stem}.safetensors (or .fp16 / .bin variant); restore the "
                                     "weights file")
-        weights[comp] = root / comp / name
-    configs = {}
+        files[comp] = root / comp / name
     for comp, cls in (("unet", UNetConfig), ("vae", VAEConfig), ("text_encoder", CLIPTextConfig)):
         path = root / comp / "config.json"
+        config = _read_config(path)
         try:
-            configs[comp] = cls.from_dict(_read_config(path))
+            configs[comp] = cls.from_dict(config)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: {_first_line(e)}") from None
-    unet = _build_unet(configs["unet"], read_weights(weights["unet"]), str(weights["unet"]))
-    vae = _build_vae(configs["vae"], read_weights(weights["vae"]), str(weights["vae"]))
-    text_encoder = _build_text_encoder(configs["text_encoder"], read_weights(weights["text_encoder"]),
-                                       str(weights["text_encoder"]))
+    unet = _build_unet(configs["unet"], read_weights(files["unet"]), str(files["unet"]))
+    vae = _build_vae(configs["vae"], read_weights(files["vae"]), str(files["vae"]))
+    text_encoder = _build_text_encoder(configs["text_encoder"], read_weights(files["text_encoder"]),
+                                       str(files["text_encoder"]))
     tokenizer, openclip = _folder_tokenizer(root / "tokenizer")
     scheduler_config = _read_config(root / "scheduler" / "scheduler_config.json")
     return unet, vae, text_encoder, tokenizer, openclip, scheduler_config
