@@ -11,7 +11,8 @@ DDIM step (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12), fro
 with (eq. 16)
     σ_t  = η · √((1−ᾱ_t')/(1−ᾱ_t)) · √(1 − ᾱ_t/ᾱ_t')
 v-prediction (Salimans & Ho 2022): x̂0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v,  ε̂ = √ᾱ_t·v + √(1−ᾱ_t)·x_t.
-The last step has t' < 0 and uses ᾱ_t' = 1 if set_alpha_to_one else ᾱ_0 (SD: ᾱ_0 = 0.99915).
+The last step has t' < 0 and uses ᾱ_t' = 1 if set_alpha_to_one else ᾱ_0 (SD: ᾱ_0 = 0.99915). ddpo-pytorch clamps
+t' to 0 instead, which is the same for SD's set_alpha_to_one=False.
 
 DDPO (Black et al. 2023) treats each step as the action of a policy π(x_t' | x_t, c) = N(μ, σ_t² I), so
     log π = mean over the D = C·H·W latent elements of [ −(x_t' − μ)²/(2σ_t²) − log σ_t − ½ log 2π ].
