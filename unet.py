@@ -104,8 +104,8 @@ class UNetConfig:
             if isinstance(value, (list, tuple)) and not isinstance(required, (list, tuple)):
                 value = _uniform(d, key, required)   # e.g. only_cross_attention [false, false, ...]
             if value != required and not (_off(value) and _off(required)):
-                raise ValueError(f"unet.py: config {key}={value!r} is not supported (SD 1.x/2.x use "
-                                 f"{required!r}); SDXL, inpainting-with-extras and class-conditional UNets are out of scope")
+                raise ValueError(f"unet.py: config {key}={value!r} is not supported (SD 1.x/2.x use {required!r}); "
+                                 "SDXL-style, class-conditional and other UNet variants are out of scope")
         n = len(d.get("block_out_channels", cls.block_out_channels))
         # The diffusers naming bug (issue #2011): the field called `attention_head_dim` holds the number of
         # heads, and UNet2DConditionModel uses it as `num_attention_heads` (which diffusers itself refuses to be
@@ -204,9 +204,10 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, L, self.heads, -1).transpose(1, 2)   # (B, nh, L, hd)
         k = self.to_k(ctx).view(B, ctx.shape[1], self.heads, -1).transpose(1, 2)
         v = self.to_v(ctx).view(B, ctx.shape[1], self.heads, -1).transpose(1, 2)
-        if self.upcast:
-            # SD 2.1-v: raw q.k overflows fp16 (black images). SDPA's fused kernels accumulate the scores in
-            # fp32 anyway; scaling q first keeps q.k/sqrt(d) in range even for a kernel that does not.
+        if self.upcast and q.dtype == torch.float16:
+            # SD 2.1-v: raw q.k overflows fp16 (NaN, black images). SDPA's fused kernels accumulate the scores
+            # in fp32 anyway; scaling q first keeps q.k/sqrt(d) in range even for a kernel that does not.
+            # (bf16 has fp32's exponent range and fp32 needs no help, so they take the plain path.)
             y = F.scaled_dot_product_attention(q * q.shape[-1] ** -0.5, k, v, scale=1.0)
         else:
             y = F.scaled_dot_product_attention(q, k, v)
@@ -339,7 +340,8 @@ class UNet2DConditionModel(nn.Module):
                 [res(cin if j == 0 else ch[i], ch[i]) for j in range(L)],
                 attn(ch[i], cfg.num_attention_heads[i], L) if kind.startswith("CrossAttn") else None,
                 downsample=Downsample2D(ch[i]) if i < n - 1 else None))
-        self.mid_block = UNetBlock([res(ch[-1], ch[-1]), res(ch[-1], ch[-1])], attn(ch[-1], cfg.num_attention_heads[-1], 1))
+        self.mid_block = UNetBlock([res(ch[-1], ch[-1]), res(ch[-1], ch[-1])],
+                                   attn(ch[-1], cfg.num_attention_heads[-1], 1))
 
         # Up level i (deepest first) has L+1 resnets; resnet j sees cat(h, skip), where the skips come back in
         # reverse push order: the L outputs of the matching down level, then that level's input.
@@ -362,21 +364,24 @@ class UNet2DConditionModel(nn.Module):
         return module(*args)
 
     def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        """sample (B,C,h,w) any h,w; timestep scalar or (B,); encoder_hidden_states (B,T,D) -> (B,C_out,h,w)."""
+        """sample (B,C,h,w) any h,w; timestep scalar or (B,); encoder_hidden_states (B,T,D) -> (B,C_out,h,w).
+        sample and context are cast to the model's dtype (samplers keep fp32 latents for a bf16/fp16 UNet)."""
         cfg, B = self.config, sample.shape[0]
         if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
             raise ValueError(f"unet.py: sample must be (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}")
         if encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
             raise ValueError(f"unet.py: text context width {encoder_hidden_states.shape[-1]} != cross_attention_dim "
-                             f"{cfg.cross_attention_dim}; use the text encoder that matches this UNet (SD1: 768, SD2: 1024)")
+                             f"{cfg.cross_attention_dim}; use the text encoder that matches this UNet "
+                             "(SD1: 768, SD2: 1024)")
         t = torch.as_tensor(timestep, device=sample.device)
         if t.numel() == 1:
             t = t.reshape(1).expand(B)
         elif t.shape != (B,):
             raise ValueError(f"unet.py: timestep must be a scalar or shape ({B},), got {tuple(t.shape)}")
+        dtype = self.conv_in.weight.dtype
+        sample, ctx = sample.to(dtype), encoder_hidden_states.to(dtype)
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        emb = self.time_embedding(emb.to(sample.dtype))   # (B, 4*C0)
-        ctx = encoder_hidden_states
+        emb = self.time_embedding(emb.to(dtype))   # (B, 4*C0)
 
         h = self.conv_in(sample)
         skips = [h]

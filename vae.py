@@ -57,7 +57,8 @@ class VAEConfig:
                 raise ValueError(f"vae.py: unknown VAE config key {key!r}={value!r}; not an AutoencoderKL config")
             values = set(value) if isinstance(value, (list, tuple)) else {value}
             if values != {_FIXED[key]}:
-                raise ValueError(f"vae.py: config {key}={value!r} is not supported (expected {_FIXED[key]!r} everywhere)")
+                raise ValueError(f"vae.py: config {key}={value!r} is not supported "
+                                 f"(expected {_FIXED[key]!r} everywhere)")
         # diffusers' own defaults for absent keys differ from SD's (a 1-level toy), so take them from there
         defaults = dict(block_out_channels=(64,), layers_per_block=1, sample_size=32)
         return cls(**{k: d.get(k, defaults.get(k, f.default)) for k, f in cls.__dataclass_fields__.items()})
@@ -97,7 +98,7 @@ class ResnetBlock2D(nn.Module):
 
 
 # Attention-internal names of older checkpoints -> current diffusers names:
-# (a) LDM attn_1 (q/k/v/proj_out, norm; 1x1-conv weights [C,C,1,1]), (b) diffusers < 0.14 AttentionBlock.
+# (a) LDM attn_1 (norm, q/k/v/proj_out; 1x1-conv weights [C,C,1,1]), (b) older diffusers' AttentionBlock.
 _LEGACY_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0", "norm": "group_norm",
                  "query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -133,8 +134,8 @@ class Attention(nn.Module):
         h = self.group_norm(x).flatten(2).transpose(1, 2)   # (B, HW, C), a view for either memory format
         q, k, v = (lin(h).unsqueeze(1) for lin in (self.to_q, self.to_k, self.to_v))   # (B, 1, HW, C)
         y = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        y = self.to_out[0](y).transpose(1, 2).reshape(B, C, H, W)
-        return y + x
+        y = self.to_out[0](y).transpose(1, 2).reshape(B, C, H, W)   # a view with channels_last strides
+        return y + x   # y first, as diffusers: the sum (and all that follows) keeps y's memory format
 
 
 class Downsample2D(nn.Module):
@@ -168,8 +169,10 @@ class VAEBlock(nn.Module):
     def forward(self, x):
         for resnet in self.resnets:
             x = resnet(x)
-        for sampler in self.downsamplers or self.upsamplers or ():
-            x = sampler(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
         return x
 
 
@@ -254,8 +257,8 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z)
 
     def decode_latents(self, latents: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """Scaled latents (what the UNet sees) -> float32 images in [0,1], decoding chunk_size samples at a
-        time to bound activation memory (a 512px decode holds ~1.5 GB of activations per sample in fp32)."""
+        """Scaled latents (what the UNet sees) -> float32 images in [0,1]. Decodes chunk_size samples at a
+        time: the full-resolution activations of the last up blocks, not the weights, bound decode memory."""
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"vae.py: chunk_size must be a positive int or None, got {chunk_size}")
         dtype = self.decoder.conv_in.weight.dtype   # latents usually arrive in fp32 from the sampler

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel as DiffusersUNet
 
 import unet
@@ -169,6 +168,8 @@ def test_bf16_and_fp16_close_to_fp32():
             got = ours.to(dtype)(x.to(dtype), t, ctx.to(dtype))
             assert got.dtype == dtype
             assert ((got.float() - want).norm() / want.norm()).item() < tol, dtype
+            # a sampler's fp32 latents and context are cast to the model's dtype
+            assert torch.equal(ours(x, t, ctx), got)
 
 
 def naive_half_attention(q, k, v, scale=None):

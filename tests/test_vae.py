@@ -87,7 +87,8 @@ def test_tiny_encode_decode_parity(name):
     assert rel_err(got, want) <= TOL
 
 
-@pytest.mark.parametrize("names,conv_weights", [(OLD_DIFFUSERS, False), (LDM, True)], ids=["query-key-value", "ldm-qkv-4d"])
+@pytest.mark.parametrize("names,conv_weights", [(OLD_DIFFUSERS, False), (LDM, True)],
+                         ids=["query-key-value", "ldm-qkv-4d"])
 def test_legacy_attention_names_load_strictly(names, conv_weights):
     ref, ours = tiny_pair("two-levels")
     sd = attention_keys_renamed(ref.state_dict(), names, conv_weights)
