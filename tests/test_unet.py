@@ -9,7 +9,8 @@ from diffusers import UNet2DConditionModel as DiffusersUNet
 import unet
 from unet import UNet2DConditionModel, UNetConfig
 
-REF_KEYS = "/work/shared/reference/keys"   # key->shape dumps; present on the dev machine, not in a clean clone
+# key->shape dumps in the project's shared/ folder, which sits beside the checkout (dev machines and CI)
+REF_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "reference", "keys")
 PARAMS = {"sd15": 859_520_964, "sd21-base": 865_910_724, "sd21-v": 865_910_724}   # reference §1.1 [ran]
 KEY_FILES = {"sd15": "unet_sd15_diffusers.txt", "sd21-base": "unet_sd21base_diffusers.txt",
              "sd21-v": "unet_sd21_diffusers.txt"}

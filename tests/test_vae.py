@@ -7,7 +7,9 @@ from diffusers import AutoencoderKL as DiffusersVAE
 
 from vae import AutoencoderKL, VAEConfig
 
-REF_KEYS = "/work/shared/reference/keys/vae_diffusers.txt"   # present on the dev machine, not in a clean clone
+# the key->shape dump in the project's shared/ folder, which sits beside the checkout (dev machines and CI)
+REF_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "reference", "keys",
+                        "vae_diffusers.txt")
 SD_VAE_PARAMS = 83_653_863   # reference §2.1 [ran]
 TOL = 1e-5   # max |ours - diffusers| <= TOL * std(diffusers output), fp32 on CPU
 
