@@ -59,6 +59,18 @@ SIMPLE_ANIMALS = [
 ]
 PROMPT_SETS = ("simple_animals", "imagenet_animals")
 
+# Defaults that depend on the model. SD: ddpo-pytorch's base config, sized for one 24 GB GPU (LoRA, bf16 autocast).
+# "tiny" (a random SD on a CPU): measured to learn jpeg-compressibility in a couple of minutes; its text encoder is
+# random, so guidance only doubles the cost, and LoRA on its attention barely moves the policy, so it trains the
+# whole UNet at a high learning rate. An explicit flag always wins.
+MODEL_DEFAULTS = {
+    "sd": dict(epochs=100, steps=50, guidance=5.0, sample_batch_size=8, sample_batches_per_epoch=4, train_batch_size=2,
+               optimizer_steps_per_epoch=2, lora_rank=4, eval_every=10, sample_every=10, save_every=5),
+    "tiny": dict(epochs=20, steps=10, guidance=1.0, sample_batch_size=32, sample_batches_per_epoch=1,
+                 train_batch_size=32, optimizer_steps_per_epoch=1, lora_rank=0, lr=5e-3, eval_every=5, sample_every=5,
+                 save_every=5),
+}
+
 # flags that may differ when a run is resumed: they do not change what the run computes
 RESUME_OVERRIDABLE = ("resume", "epochs", "save_every", "sample_every", "eval_every", "wandb", "device",
                       "async_reward", "compile")
@@ -68,7 +80,10 @@ RESUME_OVERRIDABLE = ("resume", "epochs", "save_every", "sample_every", "eval_ev
 # command line
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows the defaults and keeps the reward table's line breaks."""
+    """--help shows the defaults (None ones are described in the text) and keeps the reward table's line breaks."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False, [], "") else super()._get_help_string(action)
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -76,6 +91,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         prog="train.py", description="DDPO / GRPO fine-tuning of Stable Diffusion on a reward.",
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
         epilog=reward_help(), formatter_class=HelpFormatter)
+
+    def per_model(name: str) -> str:
+        sd, tiny = MODEL_DEFAULTS["sd"].get(name), MODEL_DEFAULTS["tiny"].get(name)
+        return f" (default {sd}; {tiny} with --model tiny)"
 
     def add(*names, **kw):
         if suppress_defaults:
@@ -85,7 +104,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g = "model"
     add("--model", default=DEFAULT_MODEL, help=f"{g}: hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' (random, CPU)")
     add("--size", type=int, default=None, help=f"{g}: image size in pixels (default: the model's native size)")
-    add("--negative-prompt", default="", help=f"{g}: the unconditional prompt of classifier-free guidance")
+    add("--negative-prompt", default="", help=f"{g}: the unconditional prompt of classifier-free guidance (default: empty)")
     add("--precision", choices=("fp32", "bf16", "fp16"), default=None,
         help=f"{g}: autocast dtype for the frozen weights and compute (default bf16 on CUDA, fp32 on CPU); trainable weights stay fp32")
     add("--compile", action="store_true", default=False, help=f"{g}: torch.compile the UNet")
@@ -106,16 +125,16 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--prompts", default="simple_animals", help=f"{g}: built-in set ({', '.join(PROMPT_SETS)}) or a text file, one prompt per line")
     add("--eval-prompts", default=None, help=f"{g}: held-out set or file scored with fixed seeds (default: the training prompts)")
     add("--eval-size", type=int, default=16, help=f"{g}: number of evaluation prompts used (0 = all)")
-    add("--eval-every", type=int, default=10, help=f"{g}: evaluate every N epochs, and at the start and end (0 = never)")
-    add("--sample-every", type=int, default=10, help=f"{g}: save a sample grid every N epochs, and at the start and end (0 = never)")
+    add("--eval-every", type=int, default=None, help=f"{g}: evaluate every N epochs, and at the start and end (0 = never)" + per_model("eval_every"))
+    add("--sample-every", type=int, default=None, help=f"{g}: save a sample grid every N epochs, and at the start and end (0 = never)" + per_model("sample_every"))
     add("--grid-size", type=int, default=8, help=f"{g}: images in a sample grid (the first evaluation prompts)")
 
     g = "sampling"
-    add("--epochs", type=int, default=100, help=f"{g}: training epochs (one rollout + update each)")
-    add("--sample-batch-size", type=int, default=8, help=f"{g}: images per rollout batch, per process")
-    add("--sample-batches-per-epoch", type=int, default=4, help=f"{g}: rollout batches per epoch, per process")
-    add("--steps", type=int, default=50, help=f"{g}: DDIM steps")
-    add("--guidance", type=float, default=5.0, help=f"{g}: classifier-free guidance scale (also used in training)")
+    add("--epochs", type=int, default=None, help=f"{g}: training epochs (one rollout + update each)" + per_model("epochs"))
+    add("--sample-batch-size", type=int, default=None, help=f"{g}: images per rollout batch, per process" + per_model("sample_batch_size"))
+    add("--sample-batches-per-epoch", type=int, default=None, help=f"{g}: rollout batches per epoch, per process" + per_model("sample_batches_per_epoch"))
+    add("--steps", type=int, default=None, help=f"{g}: DDIM steps" + per_model("steps"))
+    add("--guidance", type=float, default=None, help=f"{g}: classifier-free guidance scale (also used in training)" + per_model("guidance"))
     add("--eta", type=float, default=1.0, help=f"{g}: DDIM eta (1 = the stochastic policy DDPO needs)")
     add("--vae-chunk", type=int, default=None, help=f"{g}: decode at most this many latents at once")
 
@@ -133,12 +152,12 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--loss", choices=("ppo", "sf"), default="ppo", help=f"{g}: PPO-clip (DDPO_IS) or score function (DDPO_SF, needs --optimizer-steps-per-epoch 1)")
     add("--clip-range", type=float, default=1e-4, help=f"{g}: PPO ratio clip range")
     add("--kl-coef", type=float, default=0.0, help=f"{g}: weight of the KL to the initial policy (0 = off)")
-    add("--train-batch-size", type=int, default=2, help=f"{g}: (sample, timestep) items per UNet call in training (x2 with CFG), per process")
-    add("--optimizer-steps-per-epoch", type=int, default=2, help=f"{g}: optimizer steps per epoch (gradients accumulate in between)")
+    add("--train-batch-size", type=int, default=None, help=f"{g}: (sample, timestep) items per UNet call in training (x2 with CFG), per process" + per_model("train_batch_size"))
+    add("--optimizer-steps-per-epoch", type=int, default=None, help=f"{g}: optimizer steps per epoch (gradients accumulate in between)" + per_model("optimizer_steps_per_epoch"))
     add("--inner-epochs", type=int, default=1, help=f"{g}: passes over each epoch's samples")
     add("--timestep-fraction", type=float, default=1.0, help=f"{g}: fraction of the denoising steps trained per sample (random subset)")
     add("--skip-last-step", action="store_true", default=False, help=f"{g}: never train on the last (sigma ~ 0.02) step (DanceGRPO)")
-    add("--lr", type=float, default=None, help=f"{g}: learning rate (default 3e-4 with LoRA, 1e-5 for full fine-tuning)")
+    add("--lr", type=float, default=None, help=f"{g}: learning rate (default 3e-4 with LoRA, 1e-5 for full fine-tuning; 5e-3 with --model tiny)")
     add("--adam-beta1", type=float, default=0.9, help=f"{g}: AdamW beta1")
     add("--adam-beta2", type=float, default=0.999, help=f"{g}: AdamW beta2")
     add("--weight-decay", type=float, default=1e-4, help=f"{g}: AdamW weight decay")
@@ -146,7 +165,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--max-grad-norm", type=float, default=1.0, help=f"{g}: clip the gradient norm to this")
 
     g = "lora"
-    add("--lora-rank", type=int, default=4, help=f"{g}: adapter rank (0 = full fine-tuning of the UNet)")
+    add("--lora-rank", type=int, default=None, help=f"{g}: adapter rank (0 = full fine-tuning of the UNet)" + per_model("lora_rank"))
     add("--lora-alpha", type=float, default=None, help=f"{g}: adapter alpha (default: the rank, i.e. scale 1)")
     add("--lora-targets", default="to_q,to_k,to_v,to_out.0", help=f"{g}: comma-separated module-path suffixes")
 
@@ -154,7 +173,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--seed", type=int, default=42, help=f"{g}: seed of prompts, noise, initialisation and shuffling")
     add("--out", default=None, help=f"{g}: run directory (default runs/<timestamp>)")
     add("--resume", default=None, help=f"{g}: run directory to continue from its last checkpoint")
-    add("--save-every", type=int, default=5, help=f"{g}: checkpoint every N epochs (and at the end)")
+    add("--save-every", type=int, default=None, help=f"{g}: checkpoint every N epochs (and at the end)" + per_model("save_every"))
     add("--wandb", default=None, metavar="PROJECT", help=f"{g}: also log to this Weights & Biases project (needs wandb installed)")
     return p
 
@@ -178,6 +197,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = argparse.Namespace(**{**saved, **given, "out": args.resume})
         validate(args)
         return args
+    for k, v in MODEL_DEFAULTS["tiny" if args.model == "tiny" else "sd"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.precision is None:
@@ -643,7 +665,7 @@ def main(argv: list[str] | None = None) -> None:
             from sample import make_grid
             pics = [r[2].float() / 255 for r in rows if r[2] is not None]
             caps = [f"{eval_prompts[r[0]][:30]}" + (f" {r[1]:.3g}" if score else "") for r in rows if r[2] is not None]
-            grid_img = make_grid(torch.stack(pics), caps)
+            grid_img = make_grid(torch.stack(pics), ncols=min(4, len(pics)), captions=caps)
             atomic_write(os.path.join(args.out, "samples", f"epoch_{epoch:04d}.png"),
                          lambda tmp: grid_img.save(tmp, format="PNG"))
         return out

@@ -1,0 +1,253 @@
+"""train.py end to end on the tiny model: the first update is exactly on-policy, DDP equals one process, a kill -9 +
+--resume equals an uninterrupted run, the export loads in diffusers, bad input gets one line, and the policy learns.
+
+The runs are subprocesses (the real CLI), one CPU thread each; independent runs are started together.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+import weights
+from lora import load_lora
+
+ROOT = Path(__file__).resolve().parents[1]
+# small and fast, yet every part of an epoch runs: 4 samples x 4 steps, per-prompt advantages, one optimizer step
+FAST = ["--model", "tiny", "--reward", "jpeg-compressibility", "--device", "cpu", "--steps", "4", "--guidance", "3",
+        "--sample-batch-size", "4", "--sample-batches-per-epoch", "1", "--train-batch-size", "8",
+        "--optimizer-steps-per-epoch", "1", "--eval-every", "0", "--sample-every", "0", "--seed", "3"]
+TIMING = ("time_", "images_per_s")
+
+
+def env(threads: int = 1) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
+                PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo")
+
+
+def start(*args: str, launcher=(), threads: int = 1) -> subprocess.Popen:
+    return subprocess.Popen([*launcher, str(ROOT / "train.py"), *args], cwd=ROOT, env=env(threads),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"train.py failed ({proc.returncode}):\n{err[-4000:]}"
+    return out
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING)} for r in rows]
+
+
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory):
+    """One epoch with LoRA and a KL term, as one process (4 samples) and as two gloo processes (2 samples each),
+    started together. Rollout and training both call the UNet on one sample (a CFG batch of 2): the same kernels,
+    so re-scoring reproduces the rollout's log-probs bit for bit (DanceGRPO's advice for checking the ratio)."""
+    root = tmp_path_factory.mktemp("lora")
+    flags = [*FAST, "--lora-rank", "4", "--lr", "1e-3", "--kl-coef", "0.1", "--epochs", "1",
+             "--sample-batch-size", "1", "--train-batch-size", "1",
+             "--eval-every", "1", "--sample-every", "1", "--eval-size", "3", "--grid-size", "2"]
+    one = start(*flags, "--sample-batches-per-epoch", "4", "--out", str(root / "one"), launcher=(sys.executable,))
+    two = start(*flags, "--sample-batches-per-epoch", "2", "--out", str(root / "two"),
+                launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"))
+    finish(one)
+    finish(two)
+    return root / "one", root / "two"
+
+
+def test_run_directory(lora_runs):
+    run = lora_runs[0]
+    config = json.loads((run / "config.json").read_text())
+    assert config["lora_rank"] == 4 and config["kl_coef"] == 0.1 and config["steps"] == 4
+    (row,) = metrics(run)
+    for key in ("epoch", "reward_mean", "reward_std", "reward_min", "reward_max", "time_rollout", "time_reward",
+                "time_update", "time_total", "images_per_s", "approx_kl", "clipfrac", "loss", "lr", "grad_norm",
+                "first_ratio_max_dev", "kl"):
+        assert key in row, key
+    assert row["reward_min"] <= row["reward_mean"] <= row["reward_max"] < 0  # minus the JPEG size in kB
+    ckpt = run / "checkpoints" / "epoch_0001"
+    assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "state.pt", "state.json"}
+    assert json.loads((ckpt / "state.json").read_text())["next_epoch"] == 1
+    assert (run / "reward_curve.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["initial_eval_reward_mean"] == row["eval_reward_mean"] and summary["final_eval_reward_mean"] < 0
+    assert (run / "export" / "lora.safetensors").is_file()
+    assert not list(run.rglob("*.tmp-*")), "temporary files left behind"
+
+
+def test_first_step_is_on_policy_and_kl_is_zero_at_init(lora_runs):
+    """fp32: the update re-scores the rollout with the weights that sampled it, so the first micro-step's ratio is 1,
+    and LoRA starts at the base model (B = 0), so the KL to the reference is 0."""
+    (row,) = metrics(lora_runs[0])
+    assert row["first_ratio_max_dev"] <= 1e-6
+    assert row["kl"] == 0.0
+    assert row["grad_norm"] > 0 and row["clipfrac"] == 0.0
+
+
+def test_two_gloo_processes_equal_one_process(lora_runs):
+    one, two = lora_runs
+    r1, r2 = metrics(one)[0], metrics(two)[0]
+    # the same global batch and noise, and the same gradient (DDP averages the two halves' means)
+    for k in ("reward_mean", "reward_std", "grad_norm", "eval_reward_mean"):  # (the loss is -mean(A) = 0 +- rounding)
+        assert r1[k] == pytest.approx(r2[k], rel=1e-5, abs=1e-9), k
+    base = load_file(one / "export" / "lora.safetensors")
+    ddp = load_file(two / "export" / "lora.safetensors")
+    assert base.keys() == ddp.keys()
+    moved = max((v.abs().max().item() for k, v in base.items() if "lora_B" in k))
+    assert moved > 1e-4, "the update did not move the adapters, the comparison would be empty"
+    # Adam's first step is ~lr * sign(g): gradient entries as small as its eps (1e-8) may round either way, so the
+    # weights agree to 1% of lr (1e-3), far below the step itself
+    for k in base:
+        torch.testing.assert_close(ddp[k], base[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_export_loads_in_diffusers_and_matches(lora_runs):
+    from diffusers import UNet2DConditionModel as DiffusersUNet
+    run = lora_runs[0]
+    ref = DiffusersUNet.from_pretrained(run / "export" / "unet").eval()
+    pipe = weights.load_pipeline("tiny")
+    base = pipe.unet.state_dict()
+    load_lora(pipe.unet, run / "export" / "lora.safetensors")
+    merged = load_file(run / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max((merged[k] - base[k]).abs().max().item() for k in base) > 1e-5, "export equals the base model"
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([981, 261])
+    with torch.no_grad():
+        ours, theirs = pipe.unet(x, t, c), ref(x, t, encoder_hidden_states=c).sample
+    assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5
+
+
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
+    """kill -9 during epoch 3 (after the epoch-2 checkpoint, with epoch 2 already logged), then --resume: the
+    metrics and the final weights equal an uninterrupted run's. The uninterrupted run scores rewards in a thread,
+    the killed one synchronously: the async path gives the same numbers."""
+    flags = [*FAST, "--steps", "6", "--epochs", "4", "--save-every", "2"]
+    full = start(*flags, "--out", str(tmp_path / "full"), launcher=(sys.executable,))
+    run = tmp_path / "killed"
+    killed = start(*flags, "--no-async-reward", "--out", str(run), launcher=(sys.executable,))
+    log = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        assert killed.poll() is None and time.time() < deadline, "the run to kill ended or hung before epoch 3"
+        time.sleep(0.02)
+    killed.kill()  # SIGKILL: no cleanup, no final checkpoint
+    killed.communicate()
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["epoch_0002"]
+    assert not (run / "export").exists()
+    finish(start("--resume", str(run), "--no-async-reward", launcher=(sys.executable,)))
+    finish(full)
+    assert [r["epoch"] for r in metrics(run)] == [0, 1, 2, 3]
+    assert without_timing(metrics(run)) == without_timing(metrics(tmp_path / "full"))
+    a = load_file(run / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(tmp_path / "full" / "export" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: one line, naming the problem
+
+
+def cli_error(argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    msg = str(e.value.code)
+    assert msg.startswith("train.py: error: ") and "\n" not in msg, msg
+    return msg
+
+
+def test_cli_errors(tmp_path):
+    out = ["--out", str(tmp_path / "run")]
+    assert "unknown reward 'nope'" in cli_error([*FAST, *out, "--reward", "nope"])
+    assert "neither a built-in set" in cli_error([*FAST, *out, "--prompts", str(tmp_path / "missing.txt")])
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert "has no prompts" in cli_error([*FAST, *out, "--prompts", str(tmp_path / "empty.txt")])
+    assert "--group-size 3 must divide the 4 samples" in cli_error([*FAST, *out, "--group-size", "3"])
+    assert "--advantage group needs --group-size >= 2" in cli_error([*FAST, *out, "--advantage", "group"])
+    assert "exceeds the 16" in cli_error([*FAST, *out, "--optimizer-steps-per-epoch", "17"])
+    assert "on-policy" in cli_error([*FAST, *out, "--loss", "sf", "--optimizer-steps-per-epoch", "2"])
+    assert "trains no step" in cli_error([*FAST, *out, "--timestep-fraction", "0.1"])
+    assert "KEY=VALUE" in cli_error([*FAST, *out, "--reward-option", "precision"])
+    if importlib.util.find_spec("wandb") is None:
+        assert "wandb package is not installed" in cli_error([*FAST, *out, "--wandb", "proj"])
+    assert "no config.json" in cli_error(["--resume", str(tmp_path)])
+    # a run directory stopped before its first checkpoint
+    run = tmp_path / "early"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(vars(train.parse_args([*FAST, "--out", str(run)]))))
+    assert "no checkpoint" in cli_error(["--resume", str(run)])
+    assert "--lr cannot change in a resumed run" in cli_error(["--resume", str(run), "--lr", "1"])
+    assert "already holds a run" in cli_error([*FAST, "--out", str(run)])
+
+
+def test_cli_error_is_one_line_on_stderr(tmp_path):
+    proc = start(*FAST, "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r"), launcher=(sys.executable,))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert err.strip().splitlines() == [f"train.py: error: prompts: '{tmp_path / 'nope.txt'}' is neither a built-in "
+                                        "set (simple_animals, imagenet_animals) nor a file; pass one of those or a "
+                                        "text file with one prompt per line"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def test_prompt_sets_and_epoch_plan():
+    animals = train.load_prompts("imagenet_animals")
+    assert len(animals) == 398 and animals[0] == "tench" and animals[-1] == "puffer"
+    assert len(train.load_prompts("simple_animals")) == 45
+    plan = train.epoch_prompts(animals, 12, 4, seed=1, epoch=5)
+    assert len(plan) == 12 and all(len(set(plan[i:i + 4])) == 1 for i in range(0, 12, 4))  # groups are contiguous
+    assert plan == train.epoch_prompts(animals, 12, 4, seed=1, epoch=5) != train.epoch_prompts(animals, 12, 4, 1, 6)
+    seeds = {train.sample_seed(s, e, i) for s in (0, 1) for e in (-1, 0, 1) for i in range(100)}
+    assert len(seeds) == 600
+
+
+def test_reward_curve(tmp_path):
+    history = [{"epoch": e, "reward_mean": -3 + 0.1 * e, "reward_std": 0.05} for e in range(5)]
+    history[0]["eval_reward_mean"] = -3.1
+    history[4]["eval_reward_mean"] = -2.5
+    train.draw_reward_curve(history, str(tmp_path / "c.png"), "test")
+    from PIL import Image
+    img = Image.open(tmp_path / "c.png")
+    assert img.size == (900, 500)
+    # the mean line is drawn in blue and the evaluation points in orange
+    colors = {c for _, c in img.getcolors(1 << 20)}
+    assert (30, 90, 200) in colors and (230, 120, 20) in colors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_jpeg_compressibility(tmp_path):
+    """The CPU quickstart as documented, `train.py --model tiny --reward jpeg-compressibility` (tiny defaults: full
+    UNet, lr 5e-3, 10 DDIM steps, no guidance, 32 samples x 20 epochs): the mean reward rises by more than 3 initial
+    standard deviations, in under 3 minutes."""
+    t0 = time.time()
+    finish(start("--model", "tiny", "--reward", "jpeg-compressibility", "--device", "cpu",
+                 "--out", str(tmp_path / "run"), launcher=(sys.executable,), threads=2), timeout=240)
+    wall = time.time() - t0
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 20
+    start_mean, start_std = rows[0]["reward_mean"], rows[0]["reward_std"]
+    end_mean = sum(r["reward_mean"] for r in rows[-2:]) / 2
+    print(f"reward {start_mean:.3f} +- {start_std:.3f} -> {end_mean:.3f} "
+          f"({(end_mean - start_mean) / start_std:.1f} std) in {wall:.0f}s")
+    assert end_mean - start_mean >= 3 * start_std
+    assert wall < 180
