@@ -476,10 +476,11 @@ def draw_reward_curve(history: list[dict], path: str, title: str) -> None:
         y = px(x0, v)[1]
         d.line([(left, y), (W - right, y)], fill=(225, 225, 225))
         d.text((5, y - 6), f"{v:.4g}", fill="black", font=font)
-    for i in range(6):
-        e = x0 + (x1 - x0) * i / 5
+    step = max(1, math.ceil((x1 - x0) / 8))
+    for e in range(math.ceil(x0), math.floor(x1) + 1, step):  # integer epochs
         x = px(e, y0)[0]
-        d.text((x - 8, H - bottom + 8), f"{e:.0f}", fill="black", font=font)
+        d.line([(x, H - bottom), (x, H - bottom + 4)], fill="black")
+        d.text((x - 4, H - bottom + 8), str(e), fill="black", font=font)
     if len(train) > 1:
         band = [px(e, m + s) for e, m, s in train] + [px(e, m - s) for e, m, s in reversed(train)]
         d.polygon(band, fill=(200, 220, 245))
@@ -576,16 +577,16 @@ def main(argv: list[str] | None = None) -> None:
     else:
         unet.requires_grad_(True)
         params = list(unet.parameters())
+    # the KL reference: the initial policy (LoRA: the same UNet with adapters off; full: a frozen low-precision copy)
+    reference = None
+    if args.kl_coef > 0:
+        reference = reference_policy(unet) if use_lora else reference_policy(unet).to(low or torch.float32)
     unet.gradient_checkpointing = args.grad_checkpointing
     if args.compile:
         unet.compile()
     model = unet
     if world > 1:  # DDP sees exactly the trainable parameters (LoRA: A and B), all used in every forward
         model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
-    # the KL reference: the initial policy (LoRA: the same UNet with adapters off; full: a frozen low-precision copy)
-    reference = None
-    if args.kl_coef > 0:
-        reference = reference_policy(unet) if use_lora else reference_policy(unet).to(low or torch.float32)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_eps)
     scheduler = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), args.steps, device)
@@ -653,7 +654,7 @@ def main(argv: list[str] | None = None) -> None:
             idx = mine[b:b + args.sample_batch_size]
             ps = [eval_prompts[i] for i in idx]
             traj, _ = generate(ps, [sample_seed(args.seed, -1, i) for i in idx], None)
-            scores, info = reward_fn(traj.images, ps) if score else (torch.zeros(len(idx)), {})
+            scores = reward_fn(traj.images, ps)[0] if score else torch.zeros(len(idx))
             for j, i in enumerate(idx):
                 image = (traj.images[j] * 255).round().byte().cpu() if i < args.grid_size else None
                 rows.append((i, float(scores[j]), image))
@@ -686,7 +687,7 @@ def main(argv: list[str] | None = None) -> None:
         unet.eval()
         all_prompts = epoch_prompts(prompts, n_global, args.group_size, args.seed, epoch)
         mine = range(rank * n_local, (rank + 1) * n_local)  # this rank's block of the global batch
-        batches, futures, t_reward = [], [], 0.0
+        batches, pending, results, t_reward = [], [], [], 0.0
         t0 = time.perf_counter()
         for b in tqdm(range(args.sample_batches_per_epoch), desc=f"epoch {epoch} rollout", disable=not master, leave=False):
             idx = list(mine[b * args.sample_batch_size:(b + 1) * args.sample_batch_size])
@@ -697,18 +698,17 @@ def main(argv: list[str] | None = None) -> None:
                     sample_seed(args.seed, epoch, i - i % args.group_size))) for i in idx])
             traj, cond = generate(ps, [sample_seed(args.seed, epoch, i) for i in idx], x_T)
             if use_async:
-                futures.append(executor.submit(reward_fn, traj.images, ps))
+                pending.append(executor.submit(reward_fn, traj.images, ps))
             else:
                 sync()
                 t1 = time.perf_counter()
-                futures.append(concurrent.futures.Future())
-                futures[-1].set_result(reward_fn(traj.images, ps))
+                results.append(reward_fn(traj.images, ps))
                 t_reward += time.perf_counter() - t1
             batches.append({"cond": cond, "latents": traj.latents, "log_probs": traj.log_probs,
                             "timesteps": traj.timesteps})
         sync()
         t1 = time.perf_counter()
-        results = [f.result() for f in tqdm(futures, desc=f"epoch {epoch} reward", disable=not master, leave=False)]
+        results += [f.result() for f in tqdm(pending, desc=f"epoch {epoch} reward", disable=not master, leave=False)]
         t_reward += time.perf_counter() - t1
         t_rollout = t1 - t0 - (0.0 if use_async else t_reward)
         rewards = torch.cat([r[0] for r in results]).float().to(device)  # (n_local,)
@@ -777,6 +777,9 @@ def main(argv: list[str] | None = None) -> None:
     if due(args.eval_every, args.epochs) or due(args.sample_every, args.epochs):
         final = evaluate(args.epochs, due(args.eval_every, args.epochs), due(args.sample_every, args.epochs))
     if master:
+        if "eval_reward_mean" in final:  # the policy after the last epoch, on the curve next to the others
+            draw_reward_curve(history + [{"epoch": args.epochs, **final}], os.path.join(args.out, "reward_curve.png"),
+                              f"{args.reward} - {args.out}")
         export(args.out, unet, args)
         first = history[0] if history else {}
         write_json(os.path.join(args.out, "summary.json"), {

@@ -134,9 +134,12 @@ def test_export_loads_in_diffusers_and_matches(lora_runs):
 
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     """kill -9 during epoch 3 (after the epoch-2 checkpoint, with epoch 2 already logged), then --resume: the
-    metrics and the final weights equal an uninterrupted run's. The uninterrupted run scores rewards in a thread,
-    the killed one synchronously: the async path gives the same numbers."""
-    flags = [*FAST, "--steps", "6", "--epochs", "4", "--save-every", "2"]
+    metrics and the final weights equal an uninterrupted run's. Two prompts and a per-prompt tracker that is in use
+    from the second epoch on, so its restored state matters. The uninterrupted run scores rewards in a thread, the
+    killed one synchronously: the async path gives the same numbers."""
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    flags = [*FAST, "--steps", "6", "--epochs", "4", "--save-every", "2", "--prompts", str(tmp_path / "prompts.txt"),
+             "--tracker-min-count", "2", "--tracker-buffer", "6", "--eval-every", "1", "--eval-size", "2"]
     full = start(*flags, "--out", str(tmp_path / "full"), launcher=(sys.executable,))
     run = tmp_path / "killed"
     killed = start(*flags, "--no-async-reward", "--out", str(run), launcher=(sys.executable,))
@@ -153,6 +156,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     finish(full)
     assert [r["epoch"] for r in metrics(run)] == [0, 1, 2, 3]
     assert without_timing(metrics(run)) == without_timing(metrics(tmp_path / "full"))
+    assert all("eval_reward_mean" in r for r in metrics(run))
     a = load_file(run / "export" / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "full" / "export" / "unet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in b)
