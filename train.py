@@ -46,7 +46,7 @@ from tqdm import tqdm
 import lora
 from ddpo import (PerPromptStatTracker, Samples, UpdateConfig, batch_advantages, ddpo_update, group_advantages,
                   reference_policy)
-from rewards import build_reward, reward_help
+from rewards import build_reward, parse_spec, reward_help
 from scheduler import DDIMScheduler, SchedulerConfig, rollout
 from weights import DEFAULT_MODEL, load_pipeline
 
@@ -533,7 +533,7 @@ def export(run_dir: str, unet, args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
-    # ---- setup: every bad input fails here, with one line, before any long work
+    # ---- setup: every bad input (flags, files, model, reward) fails here with one line, before any long work
     try:
         args = parse_args(argv)
         rank, world, device = init_distributed(args.device)
@@ -555,8 +555,10 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"--reward-option wants KEY=VALUE, got {args.reward_option}")
         reward_options.update({k: getattr(args, k) for k in ("hps_checkpoint", "aesthetic_checkpoint", "clip_path")
                                if getattr(args, k)})
+        parse_spec(args.reward)  # a typo in the reward fails now, not after the model has loaded
+        pipe = load_pipeline(args.model, device, torch.float32)
         reward_fn = build_reward(args.reward, device=device, **reward_options)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"train.py: error: {e}") from None
 
     torch.manual_seed(args.seed)  # the same initial weights (LoRA A) on every rank
@@ -567,7 +569,6 @@ def main(argv: list[str] | None = None) -> None:
     use_lora = args.lora_rank > 0
 
     # ---- model: the frozen parts in the compute dtype, trainable weights in fp32 (ddpo-pytorch #8, trl #1330)
-    pipe = load_pipeline(args.model, device, torch.float32)
     unet = pipe.unet
     for m in (pipe.vae, pipe.text_encoder):
         m.requires_grad_(False).eval().to(low or torch.float32)

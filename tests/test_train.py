@@ -177,6 +177,7 @@ def cli_error(argv: list[str]) -> str:
 def test_cli_errors(tmp_path):
     out = ["--out", str(tmp_path / "run")]
     assert "unknown reward 'nope'" in cli_error([*FAST, *out, "--reward", "nope"])
+    assert "no such file or folder" in cli_error([*FAST, *out, "--model", str(tmp_path / "no-model")])
     assert "neither a built-in set" in cli_error([*FAST, *out, "--prompts", str(tmp_path / "missing.txt")])
     (tmp_path / "empty.txt").write_text("\n  \n")
     assert "has no prompts" in cli_error([*FAST, *out, "--prompts", str(tmp_path / "empty.txt")])
