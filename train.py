@@ -87,94 +87,107 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="train.py", description="DDPO / GRPO fine-tuning of Stable Diffusion on a reward.",
-        argument_default=argparse.SUPPRESS if suppress_defaults else None,
-        epilog=reward_help(), formatter_class=HelpFormatter)
+    """The flags. suppress_defaults: only flags actually given end up in the namespace (to check a --resume)."""
+    p = argparse.ArgumentParser(prog="train.py", description="DDPO / GRPO fine-tuning of Stable Diffusion on a reward.",
+                                epilog=reward_help(), formatter_class=HelpFormatter)
+    group = p
 
-    def per_model(name: str) -> str:
-        sd, tiny = MODEL_DEFAULTS["sd"].get(name), MODEL_DEFAULTS["tiny"].get(name)
-        return f" (default {sd}; {tiny} with --model tiny)"
+    def section(title: str) -> None:
+        nonlocal group
+        group = p.add_argument_group(title)
 
-    def add(*names, **kw):
+    def add(flag: str, help: str, **kw) -> None:
+        name = flag[2:].replace("-", "_")
+        if name in MODEL_DEFAULTS["sd"]:
+            kw["default"] = None
+            help += f" (default {MODEL_DEFAULTS['sd'][name]}; {MODEL_DEFAULTS['tiny'].get(name)} with --model tiny)"
         if suppress_defaults:
-            kw.pop("default", None)
-        p.add_argument(*names, **kw)
+            kw["default"] = argparse.SUPPRESS
+        group.add_argument(flag, help=help, **kw)
 
-    g = "model"
-    add("--model", default=DEFAULT_MODEL, help=f"{g}: hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' (random, CPU)")
-    add("--size", type=int, default=None, help=f"{g}: image size in pixels (default: the model's native size)")
-    add("--negative-prompt", default="", help=f"{g}: the unconditional prompt of classifier-free guidance (default: empty)")
-    add("--precision", choices=("fp32", "bf16", "fp16"), default=None,
-        help=f"{g}: autocast dtype for the frozen weights and compute (default bf16 on CUDA, fp32 on CPU); trainable weights stay fp32")
-    add("--compile", action="store_true", default=False, help=f"{g}: torch.compile the UNet")
-    add("--grad-checkpointing", action="store_true", default=False, help=f"{g}: recompute UNet blocks in backward to save memory")
-    add("--device", default=None, help=f"{g}: cuda, cuda:1, cpu (default cuda when available); torchrun sets cuda:LOCAL_RANK")
+    section("model")
+    add("--model", "hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' (random, CPU)",
+        default=DEFAULT_MODEL)
+    add("--size", "image size in pixels (default: the model's native size)", type=int, default=None)
+    add("--negative-prompt", "the unconditional prompt of classifier-free guidance (default: empty)", default="")
+    add("--precision", "autocast dtype of the frozen weights and the compute (default bf16 on CUDA, fp32 on CPU); "
+        "trainable weights always stay fp32", choices=("fp32", "bf16", "fp16"), default=None)
+    add("--compile", "torch.compile the UNet", action="store_true", default=False)
+    add("--grad-checkpointing", "recompute UNet blocks in backward to save memory", action="store_true", default=False)
+    add("--device", "cuda, cuda:1, cpu (default cuda when available); torchrun sets cuda:LOCAL_RANK", default=None)
 
-    g = "reward"
-    add("--reward", default="hps", help=f"{g}: spec, e.g. 'hps', 'jpeg-compressibility', 'hps=1,aesthetic=0.05'")
-    add("--hps-checkpoint", default=None, help=f"{g}: local HPSv2 checkpoint (default: hub xswu/HPSv2)")
-    add("--aesthetic-checkpoint", default=None, help=f"{g}: local LAION aesthetic MLP .pth (default: hub)")
-    add("--clip-path", default=None, help=f"{g}: CLIP ViT-L/14 folder or hub id for aesthetic/diversity")
-    add("--reward-option", action="append", default=[], metavar="KEY=VALUE",
-        help=f"{g}: any other rewards.py option, repeatable (e.g. precision=fp32, chunk_size=16, remote_url=...)")
-    add("--async-reward", action=argparse.BooleanOptionalAction, default=True,
-        help=f"{g}: score a batch in a thread while the next one is sampled (when the reward allows it)")
+    section("reward")
+    add("--reward", "spec, e.g. 'hps', 'jpeg-compressibility', 'hps=1,aesthetic=0.05' (names below)", default="hps")
+    add("--hps-checkpoint", "local HPSv2 checkpoint (default: hub xswu/HPSv2)", default=None)
+    add("--aesthetic-checkpoint", "local LAION aesthetic MLP .pth (default: hub)", default=None)
+    add("--clip-path", "CLIP ViT-L/14 folder or hub id for aesthetic/diversity", default=None)
+    add("--reward-option", "any other reward option below, repeatable (e.g. precision=fp32)", action="append",
+        default=[], metavar="KEY=VALUE")
+    add("--async-reward", "score a batch in a thread while the next one samples (if the reward allows it)",
+        action=argparse.BooleanOptionalAction, default=True)
 
-    g = "prompts"
-    add("--prompts", default="simple_animals", help=f"{g}: built-in set ({', '.join(PROMPT_SETS)}) or a text file, one prompt per line")
-    add("--eval-prompts", default=None, help=f"{g}: held-out set or file scored with fixed seeds (default: the training prompts)")
-    add("--eval-size", type=int, default=16, help=f"{g}: number of evaluation prompts used (0 = all)")
-    add("--eval-every", type=int, default=None, help=f"{g}: evaluate every N epochs, and at the start and end (0 = never)" + per_model("eval_every"))
-    add("--sample-every", type=int, default=None, help=f"{g}: save a sample grid every N epochs, and at the start and end (0 = never)" + per_model("sample_every"))
-    add("--grid-size", type=int, default=8, help=f"{g}: images in a sample grid (the first evaluation prompts)")
+    section("prompts and evaluation")
+    add("--prompts", f"built-in set ({', '.join(PROMPT_SETS)}) or a text file, one prompt per line",
+        default="simple_animals")
+    add("--eval-prompts", "held-out set or file, scored with fixed seeds (default: the training prompts)", default=None)
+    add("--eval-size", "number of evaluation prompts used (0 = all)", type=int, default=16)
+    add("--eval-every", "evaluate every N epochs, and at the start and end (0 = never)", type=int)
+    add("--sample-every", "save a sample grid every N epochs, and at the start and end (0 = never)", type=int)
+    add("--grid-size", "images in a sample grid (the first evaluation prompts)", type=int, default=8)
 
-    g = "sampling"
-    add("--epochs", type=int, default=None, help=f"{g}: training epochs (one rollout + update each)" + per_model("epochs"))
-    add("--sample-batch-size", type=int, default=None, help=f"{g}: images per rollout batch, per process" + per_model("sample_batch_size"))
-    add("--sample-batches-per-epoch", type=int, default=None, help=f"{g}: rollout batches per epoch, per process" + per_model("sample_batches_per_epoch"))
-    add("--steps", type=int, default=None, help=f"{g}: DDIM steps" + per_model("steps"))
-    add("--guidance", type=float, default=None, help=f"{g}: classifier-free guidance scale (also used in training)" + per_model("guidance"))
-    add("--eta", type=float, default=1.0, help=f"{g}: DDIM eta (1 = the stochastic policy DDPO needs)")
-    add("--vae-chunk", type=int, default=None, help=f"{g}: decode at most this many latents at once")
+    section("sampling")
+    add("--epochs", "training epochs (one rollout + one update each)", type=int)
+    add("--sample-batch-size", "images per rollout batch, per process", type=int)
+    add("--sample-batches-per-epoch", "rollout batches per epoch, per process", type=int)
+    add("--steps", "DDIM steps", type=int)
+    add("--guidance", "classifier-free guidance scale (the same in training)", type=float)
+    add("--eta", "DDIM eta (1 = the stochastic policy DDPO needs)", type=float, default=1.0)
+    add("--vae-chunk", "decode at most this many latents at once", type=int, default=None)
 
-    g = "advantages"
-    add("--advantage", choices=("per-prompt", "group", "batch"), default="per-prompt",
-        help=f"{g}: per-prompt running stats (DDPO), per-group stats over --group-size images of a prompt (GRPO), or the whole batch")
-    add("--group-size", type=int, default=1, help=f"{g}: images per prompt per epoch (K of GRPO)")
-    add("--same-noise-per-group", action="store_true", default=False, help=f"{g}: one shared x_T per group (DanceGRPO)")
-    add("--global-std", action="store_true", default=False, help=f"{g}: group advantages divided by the batch std instead of each group's (Flow-GRPO)")
-    add("--tracker-buffer", type=int, default=16, help=f"{g}: per-prompt tracker: rewards kept per prompt")
-    add("--tracker-min-count", type=int, default=16, help=f"{g}: per-prompt tracker: below this many, use batch stats")
-    add("--adv-clip-max", type=float, default=5.0, help=f"{g}: clip advantages to +-this")
+    section("advantages")
+    add("--advantage", "per-prompt running stats (DDPO), stats of each group of --group-size images of a prompt "
+        "(GRPO), or of the whole batch", choices=("per-prompt", "group", "batch"), default="per-prompt")
+    add("--group-size", "images per prompt per epoch (K of GRPO)", type=int, default=1)
+    add("--same-noise-per-group", "one shared x_T per group (DanceGRPO)", action="store_true", default=False)
+    add("--global-std", "group advantages divided by the batch std, not each group's (Flow-GRPO)",
+        action="store_true", default=False)
+    add("--tracker-buffer", "per-prompt tracker: rewards kept per prompt", type=int, default=16)
+    add("--tracker-min-count", "per-prompt tracker: below this many rewards, use batch stats", type=int, default=16)
+    add("--adv-clip-max", "clip advantages to +-this", type=float, default=5.0)
 
-    g = "update"
-    add("--loss", choices=("ppo", "sf"), default="ppo", help=f"{g}: PPO-clip (DDPO_IS) or score function (DDPO_SF, needs --optimizer-steps-per-epoch 1)")
-    add("--clip-range", type=float, default=1e-4, help=f"{g}: PPO ratio clip range")
-    add("--kl-coef", type=float, default=0.0, help=f"{g}: weight of the KL to the initial policy (0 = off)")
-    add("--train-batch-size", type=int, default=None, help=f"{g}: (sample, timestep) items per UNet call in training (x2 with CFG), per process" + per_model("train_batch_size"))
-    add("--optimizer-steps-per-epoch", type=int, default=None, help=f"{g}: optimizer steps per epoch (gradients accumulate in between)" + per_model("optimizer_steps_per_epoch"))
-    add("--inner-epochs", type=int, default=1, help=f"{g}: passes over each epoch's samples")
-    add("--timestep-fraction", type=float, default=1.0, help=f"{g}: fraction of the denoising steps trained per sample (random subset)")
-    add("--skip-last-step", action="store_true", default=False, help=f"{g}: never train on the last (sigma ~ 0.02) step (DanceGRPO)")
-    add("--lr", type=float, default=None, help=f"{g}: learning rate (default 3e-4 with LoRA, 1e-5 for full fine-tuning; 5e-3 with --model tiny)")
-    add("--adam-beta1", type=float, default=0.9, help=f"{g}: AdamW beta1")
-    add("--adam-beta2", type=float, default=0.999, help=f"{g}: AdamW beta2")
-    add("--weight-decay", type=float, default=1e-4, help=f"{g}: AdamW weight decay")
-    add("--adam-eps", type=float, default=1e-8, help=f"{g}: AdamW epsilon")
-    add("--max-grad-norm", type=float, default=1.0, help=f"{g}: clip the gradient norm to this")
+    section("update")
+    add("--loss", "PPO-clip (DDPO_IS) or score function (DDPO_SF, needs --optimizer-steps-per-epoch 1)",
+        choices=("ppo", "sf"), default="ppo")
+    add("--clip-range", "PPO ratio clip range", type=float, default=1e-4)
+    add("--kl-coef", "weight of the KL to the initial policy (0 = off)", type=float, default=0.0)
+    add("--train-batch-size", "(sample, timestep) items per UNet call in training (x2 with CFG), per process",
+        type=int)
+    add("--optimizer-steps-per-epoch", "optimizer steps per epoch (gradients accumulate in between)", type=int)
+    add("--inner-epochs", "passes over each epoch's samples", type=int, default=1)
+    add("--timestep-fraction", "fraction of the denoising steps trained per sample (a random subset)", type=float,
+        default=1.0)
+    add("--skip-last-step", "never train on the last (sigma ~ 0.02) step (DanceGRPO)", action="store_true",
+        default=False)
+    add("--lr", "learning rate (default 3e-4 with LoRA, 1e-5 for full fine-tuning; 5e-3 with --model tiny)",
+        type=float, default=None)
+    add("--adam-beta1", "AdamW beta1", type=float, default=0.9)
+    add("--adam-beta2", "AdamW beta2", type=float, default=0.999)
+    add("--weight-decay", "AdamW weight decay", type=float, default=1e-4)
+    add("--adam-eps", "AdamW epsilon", type=float, default=1e-8)
+    add("--max-grad-norm", "clip the gradient norm to this", type=float, default=1.0)
 
-    g = "lora"
-    add("--lora-rank", type=int, default=None, help=f"{g}: adapter rank (0 = full fine-tuning of the UNet)" + per_model("lora_rank"))
-    add("--lora-alpha", type=float, default=None, help=f"{g}: adapter alpha (default: the rank, i.e. scale 1)")
-    add("--lora-targets", default="to_q,to_k,to_v,to_out.0", help=f"{g}: comma-separated module-path suffixes")
+    section("LoRA")
+    add("--lora-rank", "adapter rank (0 = full fine-tuning of the UNet)", type=int)
+    add("--lora-alpha", "adapter alpha (default: the rank, i.e. scale 1)", type=float, default=None)
+    add("--lora-targets", "comma-separated module-path suffixes", default="to_q,to_k,to_v,to_out.0")
 
-    g = "run"
-    add("--seed", type=int, default=42, help=f"{g}: seed of prompts, noise, initialisation and shuffling")
-    add("--out", default=None, help=f"{g}: run directory (default runs/<timestamp>)")
-    add("--resume", default=None, help=f"{g}: run directory to continue from its last checkpoint")
-    add("--save-every", type=int, default=None, help=f"{g}: checkpoint every N epochs (and at the end)" + per_model("save_every"))
-    add("--wandb", default=None, metavar="PROJECT", help=f"{g}: also log to this Weights & Biases project (needs wandb installed)")
+    section("run")
+    add("--seed", "seed of prompts, noise, initialisation and shuffling", type=int, default=42)
+    add("--out", "run directory (default runs/<timestamp>)", default=None)
+    add("--resume", "run directory to continue from its last checkpoint", default=None)
+    add("--save-every", "checkpoint every N epochs (and at the end)", type=int)
+    add("--wandb", "also log to this Weights & Biases project (needs wandb installed)", default=None,
+        metavar="PROJECT")
     return p
 
 
@@ -185,7 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.resume is not None:
         path = os.path.join(args.resume, "config.json")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume {args.resume}: no config.json there; pass a run directory written by train.py")
+            raise FileNotFoundError(f"--resume {args.resume}: no config.json there; "
+                                    "pass a run directory written by train.py")
         with open(path) as f:
             saved = json.load(f)
         given = vars(build_parser(suppress_defaults=True).parse_args(argv))
@@ -220,7 +234,8 @@ def validate(args: argparse.Namespace, world: int = 1) -> None:
         if not ok:
             raise ValueError(msg)
     for k in ("epochs", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
-              "optimizer_steps_per_epoch", "inner_epochs", "steps", "group_size", "tracker_buffer", "tracker_min_count"):
+              "optimizer_steps_per_epoch", "inner_epochs", "steps", "group_size", "tracker_buffer",
+              "tracker_min_count"):
         need(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     for k in ("save_every", "eval_every", "sample_every", "eval_size", "grid_size", "lora_rank", "kl_coef"):
         need(getattr(args, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
@@ -242,15 +257,18 @@ def validate(args: argparse.Namespace, world: int = 1) -> None:
     need(n_local * world % args.group_size == 0,
          f"--group-size {args.group_size} must divide the {n_local * world} samples per epoch "
          f"(--sample-batch-size x --sample-batches-per-epoch x processes)")
-    need(args.advantage != "group" or args.group_size >= 2, "--advantage group needs --group-size >= 2 (images per prompt)")
+    need(args.advantage != "group" or args.group_size >= 2,
+         "--advantage group needs --group-size >= 2 (images per prompt)")
     need(not args.global_std or args.advantage == "group", "--global-std applies to --advantage group only")
     need(not args.same_noise_per_group or args.group_size >= 2, "--same-noise-per-group needs --group-size >= 2")
-    need(args.size is None or (args.size >= 8 and args.size % 8 == 0), f"--size must be a positive multiple of 8, got {args.size}")
+    need(args.size is None or (args.size >= 8 and args.size % 8 == 0),
+         f"--size must be a positive multiple of 8, got {args.size}")
     if args.wandb:
         try:
             import wandb  # noqa: F401
         except ImportError:
-            raise ValueError("--wandb: the wandb package is not installed; `pip install wandb` or drop --wandb") from None
+            raise ValueError("--wandb: the wandb package is not installed; `pip install wandb` or drop --wandb") \
+                from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,6 +310,7 @@ def epoch_prompts(prompts: list[str], n: int, group_size: int, seed: int, epoch:
 # distributed: each rank owns a contiguous block of the global batch; gathers concatenate in rank order
 
 def init_distributed(device: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's RANK/WORLD_SIZE/LOCAL_RANK; NCCL on GPUs, gloo on CPUs."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, torch.device(device)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -431,9 +450,6 @@ def load_checkpoint(path: str, unet, use_lora: bool, optimizer, tracker, generat
     extra = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
     if tracker is not None:
         tracker.load_state_dict(extra["tracker"])
-    if len(extra["rng"]) != world:
-        raise ValueError(f"--resume: the checkpoint was written by {len(extra['rng'])} processes, this run has {world}; "
-                         "resume with the same number of processes")
     set_rng_state(extra["rng"][rank], generator)
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)
@@ -536,9 +552,8 @@ def main(argv: list[str] | None = None) -> None:
     # ---- setup: every bad input (flags, files, model, reward) fails here with one line, before any long work
     try:
         args = parse_args(argv)
-        rank, world, device = init_distributed(args.device)
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group starts once inputs are checked
         validate(args, world)
-        master = rank == 0
         prompts = load_prompts(args.prompts)
         eval_prompts = load_prompts(args.eval_prompts) if args.eval_prompts else prompts
         if args.eval_size:
@@ -546,15 +561,24 @@ def main(argv: list[str] | None = None) -> None:
                             for i in range(min(args.eval_size, len(eval_prompts)))]
         ckpt = latest_checkpoint(args.out) if args.resume else None
         if args.resume and ckpt is None:
-            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint in {args.resume}/checkpoints (the run stopped "
-                                    "before its first --save-every); start it again without --resume")
+            raise FileNotFoundError(f"--resume {args.resume}: no checkpoint in {args.resume}/checkpoints (the run "
+                                    "stopped before its first --save-every); start it again without --resume")
+        if ckpt is not None:
+            with open(os.path.join(ckpt, "state.json")) as f:
+                saved_world = json.load(f)["world_size"]
+            if saved_world != world:  # each process restores its own RNG streams
+                raise ValueError(f"--resume: {ckpt} was written by {saved_world} process(es), this run has {world}; "
+                                 "resume with the same number of processes")
         if not args.resume and os.path.isfile(os.path.join(args.out, "config.json")):
-            raise ValueError(f"--out {args.out} already holds a run; continue it with --resume {args.out} or pick another --out")
+            raise ValueError(f"--out {args.out} already holds a run; continue it with --resume {args.out} or pick "
+                             "another --out")
         reward_options = dict(opt.split("=", 1) for opt in args.reward_option if "=" in opt)
         if len(reward_options) != len(args.reward_option):
             raise ValueError(f"--reward-option wants KEY=VALUE, got {args.reward_option}")
         reward_options.update({k: getattr(args, k) for k in ("hps_checkpoint", "aesthetic_checkpoint", "clip_path")
                                if getattr(args, k)})
+        rank, world, device = init_distributed(args.device)
+        master = rank == 0
         parse_spec(args.reward)  # a typo in the reward fails now, not after the model has loaded
         pipe = load_pipeline(args.model, device, torch.float32)
         reward_fn = build_reward(args.reward, device=device, **reward_options)
@@ -587,14 +611,18 @@ def main(argv: list[str] | None = None) -> None:
         unet.compile()
     model = unet
     if world > 1:  # DDP sees exactly the trainable parameters (LoRA: A and B), all used in every forward
-        model = torch.nn.parallel.DistributedDataParallel(unet, device_ids=[device.index] if device.type == "cuda" else None)
+        model = torch.nn.parallel.DistributedDataParallel(
+            unet, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_eps)
     scheduler = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), args.steps, device)
-    tracker = PerPromptStatTracker(args.tracker_buffer, args.tracker_min_count) if args.advantage == "per-prompt" else None
+    tracker = None
+    if args.advantage == "per-prompt":
+        tracker = PerPromptStatTracker(args.tracker_buffer, args.tracker_min_count)
     update_cfg = UpdateConfig(clip_range=args.clip_range, adv_clip_max=args.adv_clip_max, loss=args.loss,
                               kl_coef=args.kl_coef, guidance=args.guidance, eta=args.eta,
-                              micro_batch=args.train_batch_size, optimizer_steps_per_epoch=args.optimizer_steps_per_epoch,
+                              micro_batch=args.train_batch_size,
+                              optimizer_steps_per_epoch=args.optimizer_steps_per_epoch,
                               timestep_fraction=args.timestep_fraction, skip_last_step=args.skip_last_step,
                               max_grad_norm=args.max_grad_norm, num_inner_epochs=args.inner_epochs)
     generator = torch.Generator().manual_seed(args.seed)  # shuffles samples and timesteps in the update
@@ -619,7 +647,8 @@ def main(argv: list[str] | None = None) -> None:
         # rewrite the log without the epochs after the checkpoint: they are computed again, identically
         atomic_write(os.path.join(args.out, "metrics.jsonl"),
                      lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in history))
-        print(f"run {args.out}: {args.model}, reward {args.reward}, {'LoRA r=%d' % args.lora_rank if use_lora else 'full UNet'}, "
+        what = f"LoRA r={args.lora_rank}" if use_lora else "full UNet"
+        print(f"run {args.out}: {args.model}, reward {args.reward}, {what}, "
               f"{sum(p.numel() for p in params):,} trainable parameters, {args.precision}, {world} process(es), "
               f"{n_global} samples/epoch, epochs {start_epoch}..{args.epochs - 1}", flush=True)
     wandb_run = None
@@ -690,7 +719,8 @@ def main(argv: list[str] | None = None) -> None:
         mine = range(rank * n_local, (rank + 1) * n_local)  # this rank's block of the global batch
         batches, pending, results, t_reward = [], [], [], 0.0
         t0 = time.perf_counter()
-        for b in tqdm(range(args.sample_batches_per_epoch), desc=f"epoch {epoch} rollout", disable=not master, leave=False):
+        for b in tqdm(range(args.sample_batches_per_epoch), desc=f"epoch {epoch} rollout", disable=not master,
+                      leave=False):
             idx = list(mine[b * args.sample_batch_size:(b + 1) * args.sample_batch_size])
             ps = [all_prompts[i] for i in idx]
             x_T = None
@@ -713,8 +743,9 @@ def main(argv: list[str] | None = None) -> None:
         t_reward += time.perf_counter() - t1
         t_rollout = t1 - t0 - (0.0 if use_async else t_reward)
         rewards = torch.cat([r[0] for r in results]).float().to(device)  # (n_local,)
+        names = list(results[0][1].get("components", {}))  # a weighted sum's parts, logged when there are several
         components = {k: torch.cat([r[1]["components"][k] for r in results]).float().to(device)
-                      for k in results[0][1].get("components", {})} if len(results[0][1].get("components", {})) > 1 else {}
+                      for k in names} if len(names) > 1 else {}
         for warning in (w for r in results for w in r[1].get("warnings", [])):
             tqdm.write(f"rank {rank}: {warning}", file=sys.stderr)
 
@@ -771,7 +802,8 @@ def main(argv: list[str] | None = None) -> None:
             rngs = gather_objects(rng_state(generator))
             if master:
                 save_checkpoint(args.out, epoch + 1, unet, use_lora, optimizer, tracker, rngs,
-                                {"next_epoch": epoch + 1, "global_step": global_step, "wandb_id": wandb_id})
+                                {"next_epoch": epoch + 1, "global_step": global_step, "world_size": world,
+                                 "wandb_id": wandb_id})
 
     # ---- final evaluation and export
     final = {}
@@ -785,12 +817,14 @@ def main(argv: list[str] | None = None) -> None:
         first = history[0] if history else {}
         write_json(os.path.join(args.out, "summary.json"), {
             "epochs": args.epochs, "initial_reward_mean": first.get("reward_mean"),
-            "initial_reward_std": first.get("reward_std"), "final_reward_mean": history[-1]["reward_mean"] if history else None,
-            "initial_eval_reward_mean": first.get("eval_reward_mean"), "final_eval_reward_mean": final.get("eval_reward_mean"),
-            "export": os.path.join(args.out, "export")})
+            "initial_reward_std": first.get("reward_std"),
+            "final_reward_mean": history[-1]["reward_mean"] if history else None,
+            "initial_eval_reward_mean": first.get("eval_reward_mean"),
+            "final_eval_reward_mean": final.get("eval_reward_mean"), "export": os.path.join(args.out, "export")})
         if final and wandb_run is not None:
             wandb_run.log(final, step=args.epochs)
-        print(f"done: {args.out}/export" + (f", final eval reward {final['eval_reward_mean']:.4g}" if "eval_reward_mean" in final else ""))
+        print(f"done: {args.out}/export"
+              + (f", final eval reward {final['eval_reward_mean']:.4g}" if "eval_reward_mean" in final else ""))
     if wandb_run is not None:
         wandb_run.finish()
     executor.shutdown()

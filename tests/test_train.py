@@ -81,6 +81,7 @@ def test_run_directory(lora_runs):
     ckpt = run / "checkpoints" / "epoch_0001"
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "state.pt", "state.json"}
     assert json.loads((ckpt / "state.json").read_text())["next_epoch"] == 1
+    assert "written by 1 process(es), this run has 2" in cli_error(["--resume", str(run)], env={"WORLD_SIZE": "2"})
     assert (run / "reward_curve.png").stat().st_size > 1000
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
     summary = json.loads((run / "summary.json").read_text())
@@ -166,8 +167,10 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
 # bad input: one line, naming the problem
 
 
-def cli_error(argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as e:
+def cli_error(argv: list[str], env: dict | None = None) -> str:
+    with pytest.raises(SystemExit) as e, pytest.MonkeyPatch.context() as mp:
+        for k, v in (env or {}).items():
+            mp.setenv(k, v)
         train.main(argv)
     msg = str(e.value.code)
     assert msg.startswith("train.py: error: ") and "\n" not in msg, msg
@@ -200,7 +203,8 @@ def test_cli_errors(tmp_path):
 
 
 def test_cli_error_is_one_line_on_stderr(tmp_path):
-    proc = start(*FAST, "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r"), launcher=(sys.executable,))
+    proc = start(*FAST, "--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r"),
+                 launcher=(sys.executable,))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert err.strip().splitlines() == [f"train.py: error: prompts: '{tmp_path / 'nope.txt'}' is neither a built-in "
