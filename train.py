@@ -46,6 +46,7 @@ from tqdm import tqdm
 import lora
 from ddpo import (PerPromptStatTracker, Samples, UpdateConfig, batch_advantages, ddpo_update, group_advantages,
                   reference_policy)
+from grid import make_grid
 from rewards import build_reward, parse_spec, reward_help
 from scheduler import DDIMScheduler, SchedulerConfig, rollout
 from weights import DEFAULT_MODEL, load_pipeline
@@ -693,7 +694,6 @@ def main(argv: list[str] | None = None) -> None:
         if score:
             out = reward_stats("eval_reward", torch.tensor([r[1] for r in rows], dtype=torch.float64))
         if grid and master:
-            from sample import make_grid
             pics = [r[2].float() / 255 for r in rows if r[2] is not None]
             caps = [f"{eval_prompts[r[0]][:30]}" + (f" {r[1]:.3g}" if score else "") for r in rows if r[2] is not None]
             grid_img = make_grid(torch.stack(pics), ncols=min(4, len(pics)), captions=caps)

@@ -1,4 +1,5 @@
-"""sample.py: the grid, prompt files, seeds independent of batch size, --finetuned/--compare, and the CLI offline."""
+"""sample.py: the grid (grid.py), prompt files, seeds independent of batch size, --finetuned/--compare, and the CLI
+offline."""
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ from safetensors.torch import save_file
 
 import lora
 import sample
+from grid import make_grid
 from scheduler import DDIMScheduler, SchedulerConfig
 from weights import load_pipeline
 
@@ -30,7 +32,7 @@ def one_thread():
 def test_make_grid_layout_and_labels():
     colours = torch.linspace(0, 1, 5)
     images = torch.stack([torch.full((3, 16, 16), float(c)) for c in colours])  # 5 flat grey images
-    grid = sample.make_grid(images, ncols=3, captions=[f"img {i}" for i in range(5)], row_labels=["row a", "row b"],
+    grid = make_grid(images, ncols=3, captions=[f"img {i}" for i in range(5)], row_labels=["row a", "row b"],
                             col_labels=["base", "base", "tuned"], min_cell=64)
     assert grid.mode == "RGB"
     # 16 px cells upscaled x4 to 64 px; 3 columns with pad 6 plus a 3*pad gap between the two column groups
@@ -44,13 +46,13 @@ def test_make_grid_layout_and_labels():
         y = (lines + 6) + r * (lines + 64 + lines + 12) + 6 + lines + 32
         assert px[x, y] == (round(c * 255),) * 3, (i, px[x, y])
     with pytest.raises(ValueError, match="captions"):
-        sample.make_grid(images, ncols=3, captions=["one"])
+        make_grid(images, ncols=3, captions=["one"])
     with pytest.raises(ValueError, match="no images"):
-        sample.make_grid([], ncols=3)
+        make_grid([], ncols=3)
     # PIL inputs, a long caption is wrapped and cut to max_caption_lines
     pil = [Image.new("RGB", (200, 200), "red")]
-    long = sample.make_grid(pil, ncols=1, captions=["word " * 200], max_caption_lines=2)
-    short = sample.make_grid(pil, ncols=1, captions=["word"], max_caption_lines=2)
+    long = make_grid(pil, ncols=1, captions=["word " * 200], max_caption_lines=2)
+    short = make_grid(pil, ncols=1, captions=["word"], max_caption_lines=2)
     assert long.size[0] == short.size[0] == 212 and long.size[1] == short.size[1] + 17
 
 
