@@ -389,17 +389,18 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 
 def rng_state(generator: torch.Generator) -> dict:
+    """The random streams a resumed run needs, all tensors (state.pt loads with weights_only=True): the update's
+    shuffles (`generator`) and torch's global RNGs. Nothing else draws at random: noise and prompts come from
+    per-sample seeds, and Python's and numpy's global RNGs are never used."""
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "python": random.getstate(), "numpy": np.random.get_state(), "update": generator.get_state()}
+            "update": generator.get_state()}
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
     generator.set_state(state["update"])
 
 
@@ -448,7 +449,7 @@ def load_checkpoint(path: str, unet, use_lora: bool, optimizer, tracker, generat
     else:
         unet.load_state_dict(sd, strict=True)
     optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True))
-    extra = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=False)
+    extra = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     if tracker is not None:
         tracker.load_state_dict(extra["tracker"])
     set_rng_state(extra["rng"][rank], generator)
@@ -587,8 +588,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"train.py: error: {e}") from None
 
     torch.manual_seed(args.seed)  # the same initial weights (LoRA A) on every rank
-    random.seed(args.seed)
-    np.random.seed(args.seed)
     low = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     autocast = (lambda: torch.autocast(device.type, dtype=low)) if low else contextlib.nullcontext
     use_lora = args.lora_rank > 0

@@ -81,6 +81,8 @@ def test_run_directory(lora_runs):
     ckpt = run / "checkpoints" / "epoch_0001"
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "optimizer.pt", "state.pt", "state.json"}
     assert json.loads((ckpt / "state.json").read_text())["next_epoch"] == 1
+    for name in ("optimizer.pt", "state.pt"):  # tensors and plain containers only: no pickled code to run
+        torch.load(ckpt / name, map_location="cpu", weights_only=True)
     assert "written by 1 process(es), this run has 2" in cli_error(["--resume", str(run)], env={"WORLD_SIZE": "2"})
     assert (run / "reward_curve.png").stat().st_size > 1000
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_0000.png", "epoch_0001.png"]
