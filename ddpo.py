@@ -33,10 +33,12 @@ Public API (used by train.py)
                  optimizer_steps_per_epoch, timestep_fraction, skip_last_step, max_grad_norm, train_cfg,
                  num_inner_epochs)
     ddpo_update(model, params, scheduler, samples, optimizer, cfg, *, cond_embeds, uncond_embeds, generator,
-                reference=None, autocast_dtype=None, progress=False) -> dict[str, float]
+                reference=None, autocast_dtype=None, grad_scaler=None, progress=False) -> dict[str, float]
         one epoch: shuffled mixed-timestep micro-batches, grad accumulation, clipping, optimizer steps; returns
         loss, approx_kl, clipfrac, clipfrac_gt_one, clipfrac_lt_one, ratio_mean, kl (with a reference), grad_norm,
-        first_ratio_max_dev, items, optimizer_steps
+        first_ratio_max_dev, items, optimizer_steps, and skipped_steps (with a grad_scaler)
+        grad_scaler: a torch.amp.GradScaler for fp16 autocast (loss scaling against gradient underflow); a step whose
+        gradients overflow is skipped and the scale lowered
 """
 import copy
 import math
@@ -266,7 +268,8 @@ def _eps(net: Callable, x, t, c, u, cfg: UpdateConfig) -> torch.Tensor:
 def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samples: Samples,
                 optimizer: torch.optim.Optimizer, cfg: UpdateConfig, *, cond_embeds: torch.Tensor,
                 uncond_embeds: torch.Tensor, generator: torch.Generator, reference: Callable | None = None,
-                autocast_dtype: torch.dtype | None = None, progress: bool = False) -> dict[str, float]:
+                autocast_dtype: torch.dtype | None = None, grad_scaler: torch.amp.GradScaler | None = None,
+                progress: bool = False) -> dict[str, float]:
     """One epoch of DDPO training on a batch of rollouts.
 
     model: the UNet as called for training, model(x (m,4,h,w), t (m,), c (m,77,D)) -> eps; may be DDP-wrapped
@@ -276,14 +279,17 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     generator: draws the timestep subsets and the item shuffle (save its state for exact resume).
     reference: callable like `model` for the KL term (reference_policy(unet)); its kl is logged when given.
     autocast_dtype: e.g. torch.bfloat16 for the UNet calls; step math and the loss stay fp32.
+    grad_scaler: torch.amp.GradScaler(device.type), needed with fp16 (whose gradients underflow below ~6e-8): the
+      loss is scaled before backward and the gradients unscaled before clipping; a step with inf/NaN gradients is
+      skipped (counted in skipped_steps, left out of grad_norm) and the scale backs off.
 
     All (sample, trained step) items are shuffled and split into cfg.optimizer_steps_per_epoch contiguous
     chunks; each chunk runs in micro-batches of cfg.micro_batch mixed-timestep items, each micro-loss divided by
     the chunk's item count, so an optimizer step sees the mean over its items whatever the micro-batch size (or
     the number of DDP ranks). Masked items (valid=False, non-finite advantage) count in that mean with loss 0.
-    Returns metrics local to this process, averaged over items (loss, approx_kl, clipfrac, kl, ratio) or
-    optimizer steps (grad_norm), plus first_ratio_max_dev = max|ratio - 1| on the first micro-step (~0 when the
-    rollout was scored by the same weights).
+    Returns metrics local to this process, averaged over items (loss, approx_kl, clipfrac, kl, ratio) or over
+    the optimizer steps taken (grad_norm, unscaled), plus first_ratio_max_dev = max|ratio - 1| on the first
+    micro-step (~0 when the rollout was scored by the same weights).
     """
     _check(samples, cfg, cond_embeds, uncond_embeds, reference, params)
     b, n = samples.log_probs.shape
@@ -310,6 +316,7 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     # per-item metric sums (over valid items) on the device, synced once at the end
     sums = torch.zeros(len(_ITEM_METRICS), device=dev)
     count, grad_norm_sum, first_dev = torch.zeros((), device=dev), torch.zeros((), device=dev), None
+    skipped = torch.zeros((), device=dev)
     k_steps = cfg.optimizer_steps_per_epoch
     splits = [i * n_items // k_steps for i in range(k_steps + 1)]  # item ranges of the optimizer steps
     n_micro = sum(-(-(end - start) // cfg.micro_batch) for start, end in zip(splits, splits[1:]))
@@ -351,7 +358,8 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
                         loss, ratio = sf_loss(out.log_prob, adv[s]), torch.exp(out.log_prob.detach() - old)
                     kl = gaussian_kl(out.mean, ref_mean, out.std) if ref_mean is not None else torch.zeros_like(loss)
                     loss = torch.where(valid[s], loss + cfg.kl_coef * kl, 0.0)
-                    (loss.sum() / (end - start)).backward()  # / items of this optimizer step
+                    step_loss = loss.sum() / (end - start)  # / items of this optimizer step
+                    (grad_scaler.scale(step_loss) if grad_scaler is not None else step_loss).backward()
 
                 with torch.no_grad():
                     r, logr = ratio.detach(), out.log_prob.detach() - old
@@ -363,15 +371,27 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
                     sums += (per_item * valid[s]).sum(1)
                     count += valid[s].sum()
                 bar.update()
-            grad_norm_sum += torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
-            optimizer.step()
+            if grad_scaler is None:
+                grad_norm_sum += torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
+                optimizer.step()
+            else:
+                grad_scaler.unscale_(optimizer)  # clip (and log) the true gradient, not the scaled one
+                norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
+                finite = torch.isfinite(norm)  # the scaler's own test: inf/NaN in any gradient
+                grad_scaler.step(optimizer)  # skipped when not finite
+                grad_scaler.update()
+                grad_norm_sum += torch.where(finite, norm, 0.0)
+                skipped += ~finite
             optimizer.zero_grad(set_to_none=True)
     bar.close()
 
     n_steps = cfg.num_inner_epochs * k_steps
-    vals = torch.cat([sums / count.clamp(min=1), torch.stack([grad_norm_sum / n_steps, first_dev, count])]).tolist()
-    metrics = dict(zip(_ITEM_METRICS + ("grad_norm", "first_ratio_max_dev", "items"), vals))
+    grad_norm = grad_norm_sum / (n_steps - skipped)  # NaN if every step was skipped
+    vals = torch.cat([sums / count.clamp(min=1), torch.stack([grad_norm, first_dev, count, skipped])]).tolist()
+    metrics = dict(zip(_ITEM_METRICS + ("grad_norm", "first_ratio_max_dev", "items", "skipped_steps"), vals))
     if reference is None:
         del metrics["kl"]
+    if grad_scaler is None:
+        del metrics["skipped_steps"]
     metrics["optimizer_steps"] = float(n_steps)
     return metrics

@@ -1,7 +1,9 @@
 """ddpo.py: advantages (vs independent numpy references), PPO/SF/KL losses, the fused update (ratio 1 on the first
-micro-step, KL 0 at init, accumulation == big batch, item selection, DDP no_sync) and a short learning check."""
+micro-step, KL 0 at init, accumulation == big batch, item selection, DDP no_sync, loss scaling) and a short learning
+check."""
 import copy
 import json
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -362,6 +364,56 @@ def test_bf16_autocast_update_with_fp32_master_weights():
                          autocast_dtype=torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in params) and np.isfinite(m["loss"]) and m["grad_norm"] > 0
     assert m["first_ratio_max_dev"] <= 1e-6
+
+
+def _scaled_update(scaler, *, steps=2, autocast_dtype=None, hook=None):
+    """One ddpo_update of a fresh tiny UNet with SGD (the step is the gradient, so a wrongly scaled gradient shows)
+    and active clipping; returns (parameters before, after, metrics)."""
+    sched = DDIMScheduler(SchedulerConfig(), num_steps=3)
+    unet = tiny_unet()
+    with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        traj, cond, uncond = make_rollout(unet, sched, b=2)
+    params = list(unet.parameters())
+    if hook is not None:
+        params[0].register_hook(hook)
+    before = torch.nn.utils.parameters_to_vector(params).detach().clone()
+    cfg = ddpo.UpdateConfig(guidance=3.0, micro_batch=2, optimizer_steps_per_epoch=steps, max_grad_norm=0.05,
+                            clip_range=1e-2)
+    m = ddpo.ddpo_update(unet, params, sched, samples_of(traj, torch.tensor([1.0, -0.6])),
+                         torch.optim.SGD(params, lr=0.05), cfg, cond_embeds=cond, uncond_embeds=uncond,
+                         generator=torch.Generator().manual_seed(2), autocast_dtype=autocast_dtype, grad_scaler=scaler)
+    return before, torch.nn.utils.parameters_to_vector(params).detach(), m
+
+
+def test_grad_scaler_fp32_equals_no_scaler_and_skips_inf_steps():
+    """Loss scaling is invisible in fp32 (scale 2^10, a power of two: exact), gradients are unscaled before the
+    clip and the logged norm; an inf gradient skips the step (weights untouched) and halves the scale."""
+    start, plain, m_plain = _scaled_update(None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _, scaled, m_scaled = _scaled_update(scaler)
+    assert (plain - start).abs().max() > 1e-4 and m_plain["grad_norm"] > 0.05  # moved, with clipping active
+    torch.testing.assert_close(scaled, plain, rtol=1e-6, atol=1e-9)
+    assert m_scaled["grad_norm"] == pytest.approx(m_plain["grad_norm"], rel=1e-6)
+    assert m_scaled["skipped_steps"] == 0 and "skipped_steps" not in m_plain and scaler.get_scale() == 2.0**10
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    start, after, m = _scaled_update(scaler, steps=1, hook=lambda g: torch.full_like(g, float("inf")))
+    assert torch.equal(after, start)
+    assert m["skipped_steps"] == 1 and math.isnan(m["grad_norm"]) and scaler.get_scale() == 2.0**9
+
+
+def test_fp16_autocast_update_with_grad_scaler():
+    """fp16 compute on fp32 master weights with loss scaling (CPU autocast supports fp16): the first micro-step is
+    on-policy, the weights move, and the logged norm is the unscaled one (that of the same update without a scaler,
+    to fp16 rounding). GradScaler's default 2^16 overflows on this UNet's first step: skipped, scale halved."""
+    _, _, m_plain = _scaled_update(None, autocast_dtype=torch.float16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    start, after, m = _scaled_update(scaler, autocast_dtype=torch.float16)
+    assert m["skipped_steps"] == 0 and np.isfinite(m["loss"]) and m["first_ratio_max_dev"] <= 1e-6
+    assert m["grad_norm"] == pytest.approx(m_plain["grad_norm"], rel=1e-2) and (after - start).abs().max() > 1e-4
+    scaler = torch.amp.GradScaler("cpu")
+    _, _, m = _scaled_update(scaler, autocast_dtype=torch.float16)
+    assert m["skipped_steps"] == 1 and np.isfinite(m["grad_norm"]) and scaler.get_scale() == 2.0**15
 
 
 def test_learning_raises_a_toy_reward():
