@@ -18,7 +18,8 @@ One epoch is one straight line, top to bottom in main():
     python train.py --resume runs/<name>                          # continue exactly where it stopped
 
 Run directory (--out): config.json, metrics.jsonl, reward_curve.png, samples/epoch_XXXX.png,
-checkpoints/epoch_XXXX/ (weights, optimizer, tracker, RNG and epoch state), export/ (diffusers UNet folder, LoRA).
+checkpoints/epoch_XXXX/ (weights, optimizer, tracker, fp16 loss scale, RNG and epoch state), export/ (diffusers UNet
+folder, LoRA).
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--size", "image size in pixels (default: the model's native size)", type=int, default=None)
     add("--negative-prompt", "the unconditional prompt of classifier-free guidance (default: empty)", default="")
     add("--precision", "autocast dtype of the frozen weights and the compute (default bf16 on CUDA, fp32 on CPU); "
-        "trainable weights always stay fp32", choices=("fp32", "bf16", "fp16"), default=None)
+        "trainable weights always stay fp32; fp16 adds loss scaling", choices=("fp32", "bf16", "fp16"), default=None)
     add("--compile", "torch.compile the UNet", action="store_true", default=False)
     add("--grad-checkpointing", "recompute UNet blocks in backward to save memory", action="store_true", default=False)
     add("--device", "cuda, cuda:1, cpu (default cuda when available); torchrun sets cuda:LOCAL_RANK", default=None)
@@ -410,8 +411,8 @@ def trainable_state_dict(unet: torch.nn.Module, use_lora: bool) -> dict[str, tor
     return {k: v.detach().float().contiguous().cpu() for k, v in sd.items()}
 
 
-def save_checkpoint(run_dir: str, epoch: int, unet, use_lora: bool, optimizer, tracker, rng_states: list,
-                    state: dict, keep: int = 1) -> str:
+def save_checkpoint(run_dir: str, epoch: int, unet, use_lora: bool, optimizer, tracker, grad_scaler,
+                    rng_states: list, state: dict, keep: int = 1) -> str:
     """checkpoints/epoch_{epoch}/: written to a temporary directory, renamed into place when complete; older
     checkpoints are removed only after that."""
     root = os.path.join(run_dir, "checkpoints")
@@ -423,7 +424,8 @@ def save_checkpoint(run_dir: str, epoch: int, unet, use_lora: bool, optimizer, t
     save_file(trainable_state_dict(unet, use_lora), os.path.join(tmp, "model.safetensors"),
               metadata={"format": "nanoddpo-lora" if use_lora else "nanoddpo-unet", "epoch": str(epoch)})
     torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save({"tracker": tracker.state_dict() if tracker is not None else None, "rng": rng_states},
+    torch.save({"tracker": tracker.state_dict() if tracker is not None else None, "rng": rng_states,
+                "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None},
                os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "state.json"), "w") as f:
         json.dump(state, f, indent=2)
@@ -438,7 +440,7 @@ def save_checkpoint(run_dir: str, epoch: int, unet, use_lora: bool, optimizer, t
     return final
 
 
-def load_checkpoint(path: str, unet, use_lora: bool, optimizer, tracker, generator: torch.Generator,
+def load_checkpoint(path: str, unet, use_lora: bool, optimizer, tracker, grad_scaler, generator: torch.Generator,
                     rank: int, world: int) -> dict:
     sd = load_file(os.path.join(path, "model.safetensors"))
     if use_lora:
@@ -452,6 +454,8 @@ def load_checkpoint(path: str, unet, use_lora: bool, optimizer, tracker, generat
     extra = torch.load(os.path.join(path, "state.pt"), map_location="cpu", weights_only=True)
     if tracker is not None:
         tracker.load_state_dict(extra["tracker"])
+    if grad_scaler is not None:  # its scale and growth counter: the next steps skip and grow exactly as before
+        grad_scaler.load_state_dict(extra["grad_scaler"])
     set_rng_state(extra["rng"][rank], generator)
     with open(os.path.join(path, "state.json")) as f:
         return json.load(f)
@@ -615,6 +619,8 @@ def main(argv: list[str] | None = None) -> None:
             unet, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_eps)
+    # fp16 gradients underflow below ~6e-8: scale the loss up (and skip the steps that overflow); bf16 needs none
+    grad_scaler = torch.amp.GradScaler(device.type) if low == torch.float16 else None
     scheduler = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), args.steps, device)
     tracker = None
     if args.advantage == "per-prompt":
@@ -637,7 +643,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- run directory
     start_epoch, global_step, history, wandb_id = 0, 0, [], None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, unet, use_lora, optimizer, tracker, generator, rank, world)
+        state = load_checkpoint(ckpt, unet, use_lora, optimizer, tracker, grad_scaler, generator, rank, world)
         start_epoch, global_step, wandb_id = state["next_epoch"], state["global_step"], state.get("wandb_id")
         history = read_metrics(os.path.join(args.out, "metrics.jsonl"), start_epoch)
     if master:
@@ -768,7 +774,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         stats = ddpo_update(model, params, scheduler, samples, optimizer, update_cfg,
                             cond_embeds=torch.cat([b["cond"] for b in batches]), uncond_embeds=uncond,
-                            generator=generator, reference=reference, autocast_dtype=low, progress=master)
+                            generator=generator, reference=reference, autocast_dtype=low, grad_scaler=grad_scaler,
+                            progress=master)
         sync()
         t_update = time.perf_counter() - t0
         global_step += args.optimizer_steps_per_epoch * args.inner_epochs
@@ -800,7 +807,7 @@ def main(argv: list[str] | None = None) -> None:
         if (args.save_every and (epoch + 1) % args.save_every == 0) or epoch + 1 == args.epochs:
             rngs = gather_objects(rng_state(generator))
             if master:
-                save_checkpoint(args.out, epoch + 1, unet, use_lora, optimizer, tracker, rngs,
+                save_checkpoint(args.out, epoch + 1, unet, use_lora, optimizer, tracker, grad_scaler, rngs,
                                 {"next_epoch": epoch + 1, "global_step": global_step, "world_size": world,
                                  "wandb_id": wandb_id})
 

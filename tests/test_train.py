@@ -165,6 +165,23 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_fp16_loss_scaling_resumes_exactly(tmp_path):
+    """--precision fp16 trains with a GradScaler (CPU autocast has fp16): its state is in state.pt (weights_only
+    loadable) and restored by --resume, so 1 epoch + resume to 2 equals 2 epochs (the growth counter counts both)."""
+    flags = [*FAST, "--precision", "fp16", "--save-every", "1"]
+    full = start(*flags, "--epochs", "2", "--out", str(tmp_path / "full"), launcher=(sys.executable,))
+    half = start(*flags, "--epochs", "1", "--out", str(tmp_path / "half"), launcher=(sys.executable,))
+    finish(half)
+    finish(start("--resume", str(tmp_path / "half"), "--epochs", "2", launcher=(sys.executable,)))
+    finish(full)
+    rows = metrics(tmp_path / "half")
+    assert without_timing(rows) == without_timing(metrics(tmp_path / "full"))
+    assert [r["skipped_steps"] for r in rows] == [0, 0] and all(r["grad_norm"] > 0 for r in rows)
+    for run in ("half", "full"):
+        state = torch.load(tmp_path / run / "checkpoints" / "epoch_0002" / "state.pt", weights_only=True)
+        assert state["grad_scaler"]["_growth_tracker"] == 2 and state["grad_scaler"]["scale"] == 2.0**16
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # bad input: one line, naming the problem
 
