@@ -290,10 +290,11 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
         model.zero_grad(set_to_none=True)
         return f
 
+    # ours, ours with gradient checkpointing (memory for ~1/3 more compute), the reference
+    impls = [("ours", unet, False), ("ours+ckpt", unet, True)] + ([("diffusers", dunet, False)] if dunet is not None else [])
     modes = [("lora", args.lora_rank)] + ([] if args.no_full else [("full", 0)])
     for mode, rank in modes:
-        for impl, model in [("ours", unet)] + ([("diffusers", dunet)] if dunet is not None else []):
-            m = model
+        for impl, m, ckpt in impls:
             if rank:
                 m.requires_grad_(False)
                 params = lora.add_lora(m, rank=rank)
@@ -301,17 +302,20 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
                 m.float().requires_grad_(True)  # fp32 master weights; compute under autocast
                 params = list(m.parameters())
             opt = torch.optim.AdamW(params, lr=1e-6)
-            if impl == "ours":  # the same FLOPs for both loops: count ours
+            if impl == "ours":  # the same FLOPs for every loop: count ours (checkpointing's recompute is overhead)
                 f_upd = n_micro * micro_flops(m)
             gen = torch.Generator(device=device).manual_seed(0)
-            if impl == "ours":
-                fn = lambda: ddpo.ddpo_update(torch.compile(m, dynamic=False) if args.compile else m, params, sched,
-                                              samples, opt, ucfg, cond_embeds=cond, uncond_embeds=uncond,
-                                              generator=gen, autocast_dtype=dtype if dtype != torch.float32 else None)
+            if impl.startswith("ours"):
+                m.gradient_checkpointing = ckpt
+                net_m = torch.compile(m, dynamic=False) if args.compile else m
+                fn = lambda: ddpo.ddpo_update(net_m, params, sched, samples, opt, ucfg, cond_embeds=cond,
+                                              uncond_embeds=uncond, generator=gen,
+                                              autocast_dtype=dtype if dtype != torch.float32 else None)
             else:
                 fn = lambda: ref_update(m, params, dsched, samples, opt, cond, uncond, 5.0, 1.0, args.micro_batch,
                                         1e-4, autocast)
             rows.append(measure(f"update {mode}", impl, fn, units=items, unit="item", flops=f_upd, **R))
+            m.gradient_checkpointing = False
             del opt, params
             if rank:
                 lora.merge_and_remove(m)  # back to the plain model for the next mode (weights change: fine for speed)
@@ -332,7 +336,8 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
         gen = torch.Generator(device=device).manual_seed(0)
         if impl == "ours":
             def epoch():
-                with lora.merged(model):
+                # as train.py: fold LoRA into the weights only where that is exact (an fp32 base)
+                with lora.merged(model) if frozen_dtype == torch.float32 else contextlib.nullcontext():
                     tr = rollout(model, vae, sched, cond, uncond, guidance=5.0, eta=1.0, seeds=seeds, height=size, width=size, vae_chunk=8)
                 r, _ = reward(tr.images, prompts)
                 adv = ddpo.batch_advantages(r)
