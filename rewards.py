@@ -575,6 +575,23 @@ def resolve_options(options: dict) -> dict:
     return o
 
 
+def options_from_flags(pairs: list[str] | None = None, **flags) -> dict:
+    """Command-line reward options -> build_reward's keyword options, checked now (before any model loads).
+
+    pairs: the KEY=VALUE strings of a repeatable --reward-option; flags: options that have their own flag (e.g.
+    hps_checkpoint=args.hps_checkpoint), None meaning not given. A dedicated flag wins over the same key in pairs."""
+    options = {}
+    for pair in pairs or []:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"rewards.py: --reward-option wants KEY=VALUE, got {pair!r}; e.g. --reward-option "
+                             "precision=fp32")
+        options[key.strip()] = value
+    options.update({k: v for k, v in flags.items() if v is not None})
+    resolve_options(options)
+    return options
+
+
 def _build_one(name: str, device: torch.device, o: dict, shared: dict) -> Reward:
     knobs = dict(precision=o["precision"], chunk_size=o["chunk_size"], quantize=o["quantize"])
     name = _ALIASES.get(name, name)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 import lora
 from grid import make_grid
-from rewards import build_reward, reward_help
+from rewards import build_reward, options_from_flags, parse_spec, reward_help
 from scheduler import DDIMScheduler, SchedulerConfig, rollout
 from weights import DEFAULT_MODEL, load_finetuned, load_pipeline
 
@@ -62,26 +62,48 @@ def generate(pipe, scheduler: DDIMScheduler, prompts: list[str], seeds: list[int
     return torch.cat(images)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows the defaults (where there is one) and keeps the reward table's line breaks."""
+
+    def _get_help_string(self, action):
+        unset = action.default is None or action.default is False or action.default in ([], "")  # 0 is a default
+        return action.help if unset else super()._get_help_string(action)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample a captioned image grid from SD (base or DDPO fine-tuned).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, diffusers folder, .safetensors/.ckpt file, or 'tiny' (offline random SD)")
-    p.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several); default: two built-in prompts")
-    p.add_argument("--prompts", metavar="FILE", help="text file with one prompt per line (added after the --prompt ones)")
+    p = argparse.ArgumentParser(prog="sample.py", description="Sample a captioned image grid from SD (base or DDPO "
+                                "fine-tuned).", epilog=reward_help(), formatter_class=HelpFormatter)
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="hub id, diffusers folder, .safetensors/.ckpt file, or 'tiny' (offline random SD)")
+    p.add_argument("--prompt", action="append",
+                   help="a prompt (repeat the flag for several); default: two built-in prompts")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="text file with one prompt per line (added after the --prompt ones)")
     p.add_argument("--n", type=int, default=4, help="images per prompt (grid columns)")
     p.add_argument("--seed", type=int, default=0, help="column j uses seed SEED+j, for every prompt and model")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = no guidance)")
-    p.add_argument("--eta", type=float, default=1.0, help="DDIM eta: 1 = DDPO's stochastic policy, 0 = deterministic DDIM")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="DDIM eta: 1 = DDPO's stochastic policy, 0 = deterministic DDIM")
     p.add_argument("--size", type=int, help="image size in pixels (default: the model's native size)")
     p.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional branch of CFG)")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="model dtype; auto = fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="model dtype; auto = fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
     p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (no effect on the images)")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the model's (single-file SD 2.1-768 needs v_prediction)")
-    p.add_argument("--finetuned", metavar="CKPT", help="trainer output to apply: run dir, LoRA .safetensors, or full UNet folder/file")
-    p.add_argument("--compare", action="store_true", help="with --finetuned: base and fine-tuned side by side, identical seeds")
-    p.add_argument("--reward", metavar="SPEC", help=f"score every image, print and caption the scores ({reward_help()})")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="override the model's (single-file SD 2.1-768 needs v_prediction)")
+    p.add_argument("--finetuned", metavar="CKPT",
+                   help="trainer output to apply: run dir, LoRA .safetensors, or full UNet folder/file")
+    p.add_argument("--compare", action="store_true",
+                   help="with --finetuned: base and fine-tuned side by side, identical seeds")
+    p.add_argument("--reward", metavar="SPEC", help="score every image, print and caption the scores: a reward spec, "
+                   "e.g. 'hps', 'jpeg-compressibility', 'hps=1,aesthetic=0.05' (names below)")
+    p.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a reward option below, repeatable (e.g. precision=fp32)")
+    p.add_argument("--hps-checkpoint", help="local HPSv2 checkpoint (default: hub xswu/HPSv2)")
+    p.add_argument("--aesthetic-checkpoint", help="local LAION aesthetic MLP .pth (default: hub)")
+    p.add_argument("--clip-path", help="CLIP ViT-L/14 folder or hub id for aesthetic/diversity")
     p.add_argument("--out", default="samples.png", help="output PNG path for the grid")
     args = p.parse_args(argv)
     for name in ("n", "steps", "batch_size"):
@@ -98,12 +120,20 @@ def main(argv=None) -> dict:
     """Run the script; returns {variant label: (images (B,3,H,W) CPU, scores list or None)}, prompt-major."""
     args = parse_args(argv)
     t_start = time.time()
-    prompts = read_prompts(args.prompt, args.prompts)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.float16 if device.type == "cuda" else torch.float32)
-    pipe = load_pipeline(args.model, device, dtype, prediction_type=args.prediction_type)
+    try:  # bad input (prompts, reward, model) fails here with one line, the cheap checks before the model loads
+        prompts = read_prompts(args.prompt, args.prompts)
+        auto = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(auto if args.device == "auto" else args.device)
+        dtype = DTYPES.get(args.dtype, torch.float16 if device.type == "cuda" else torch.float32)  # "auto"
+        reward_options = options_from_flags(args.reward_option, hps_checkpoint=args.hps_checkpoint,
+                                            aesthetic_checkpoint=args.aesthetic_checkpoint, clip_path=args.clip_path)
+        if args.reward:
+            parse_spec(args.reward)
+        pipe = load_pipeline(args.model, device, dtype, prediction_type=args.prediction_type)
+        reward = build_reward(args.reward, device=device, **reward_options) if args.reward else None
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise SystemExit(f"sample.py: error: {e}") from None
     scheduler = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), args.steps, device)
-    reward = build_reward(args.reward, device=device) if args.reward else None
 
     variants = [("base", None), ("fine-tuned", args.finetuned)] if args.compare else \
                [("fine-tuned" if args.finetuned else "base", args.finetuned)]

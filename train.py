@@ -48,7 +48,7 @@ import lora
 from ddpo import (PerPromptStatTracker, Samples, UpdateConfig, batch_advantages, ddpo_update, group_advantages,
                   reference_policy)
 from grid import make_grid
-from rewards import build_reward, parse_spec, reward_help
+from rewards import build_reward, options_from_flags, parse_spec, reward_help
 from scheduler import DDIMScheduler, SchedulerConfig, rollout
 from weights import DEFAULT_MODEL, load_pipeline
 
@@ -85,7 +85,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows the defaults (None ones are described in the text) and keeps the reward table's line breaks."""
 
     def _get_help_string(self, action):
-        return action.help if action.default in (None, False, [], "") else super()._get_help_string(action)
+        unset = action.default is None or action.default is False or action.default in ([], "")  # 0 is a default
+        return action.help if unset else super()._get_help_string(action)
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
@@ -578,11 +579,8 @@ def main(argv: list[str] | None = None) -> None:
         if not args.resume and os.path.isfile(os.path.join(args.out, "config.json")):
             raise ValueError(f"--out {args.out} already holds a run; continue it with --resume {args.out} or pick "
                              "another --out")
-        reward_options = dict(opt.split("=", 1) for opt in args.reward_option if "=" in opt)
-        if len(reward_options) != len(args.reward_option):
-            raise ValueError(f"--reward-option wants KEY=VALUE, got {args.reward_option}")
-        reward_options.update({k: getattr(args, k) for k in ("hps_checkpoint", "aesthetic_checkpoint", "clip_path")
-                               if getattr(args, k)})
+        reward_options = options_from_flags(args.reward_option, hps_checkpoint=args.hps_checkpoint,
+                                            aesthetic_checkpoint=args.aesthetic_checkpoint, clip_path=args.clip_path)
         rank, world, device = init_distributed(args.device)
         master = rank == 0
         parse_spec(args.reward)  # a typo in the reward fails now, not after the model has loaded

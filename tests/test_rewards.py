@@ -556,6 +556,20 @@ def test_bad_specs_and_options():
     assert all(n in text for n in rewards.REWARD_NAMES) and "http_backoff" in text
 
 
+def test_options_from_flags():
+    """--reward-option KEY=VALUE strings and the dedicated flags -> build_reward options, checked up front."""
+    got = rewards.options_from_flags(["precision=fp32", " chunk_size=8", "ranker_criteria=a=b", "hps_checkpoint=old"],
+                                     hps_checkpoint="new.pt", clip_path=None)
+    assert got == {"precision": "fp32", "chunk_size": "8", "ranker_criteria": "a=b", "hps_checkpoint": "new.pt"}
+    assert rewards.options_from_flags(None, aesthetic_checkpoint=None) == {}
+    assert build_reward("jpeg-compressibility", **got).name == "jpeg-compressibility"
+    for pairs, message in ((["precision"], "wants KEY=VALUE, got 'precision'"), (["=fp32"], "wants KEY=VALUE"),
+                           (["chunk_size=two"], "chunk_size='two' is not a valid int"),
+                           (["hps_ckpt=x.pt"], r"unknown reward option\(s\) \['hps_ckpt'\]")):
+        with pytest.raises(ValueError, match=message):
+            rewards.options_from_flags(pairs)
+
+
 def test_nonfinite_scores_are_dropped_not_fatal(hps_files):
     scores = torch.tensor([0.3, float("nan"), 0.2, float("inf"), -float("inf")])
     mask, message = drop_nonfinite(scores)

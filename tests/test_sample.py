@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import lora
 import sample
 from grid import make_grid
+from rewards import build_reward
 from scheduler import DDIMScheduler, SchedulerConfig
 from weights import load_pipeline
 
@@ -117,7 +118,7 @@ def test_cli_writes_a_grid_offline_with_scores(tmp_path):
     out = tmp_path / "grid.png"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "sample.py", "--model", "tiny", "--prompt", "a red apple", "--n", "3", "--steps", "10",
-           "--reward", "jpeg-compressibility", "--out", str(out)]
+           "--reward", "jpeg-compressibility", "--reward-option", "quantize=false", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert Image.open(out).size[0] >= 3 * 64
@@ -133,8 +134,37 @@ def test_cli_help_and_bad_flags(capsys):
                  "--negative-prompt", "--dtype", "--device", "--batch-size", "--finetuned", "--compare", "--reward",
                  "--out"):
         assert flag in help_text, flag
+    assert "--reward-option" in help_text and "--hps-checkpoint" in help_text and "--clip-path" in help_text
+    # the reward table is the epilog, line by line, not squeezed into the --reward help
+    assert "\n  jpeg-compressibility     minus the JPEG" in help_text and "\n  quantize " in help_text
     for argv, message in ((["--compare"], "--compare needs --finetuned"), (["--n", "0"], "--n must be >= 1"),
                           (["--eta", "2"], "--eta must be in [0, 1]")):
         with pytest.raises(SystemExit):
             sample.parse_args(argv)
         assert message in capsys.readouterr().err
+
+
+def test_reward_options_reach_build_reward_and_bad_ones_fail_in_one_line(tmp_path, monkeypatch):
+    seen = []
+
+    def spy(spec, device="cpu", **options):
+        seen.append(options)
+        return build_reward(spec, device, **options)
+    monkeypatch.setattr(sample, "build_reward", spy)
+    argv = ["--model", "tiny", "--prompt", "a cat", "--n", "1", "--steps", "2", "--device", "cpu",
+            "--reward", "jpeg-compressibility", "--out", str(tmp_path / "g.png")]
+    res = sample.main(argv + ["--reward-option", "quantize=false", "--reward-option", "chunk_size=2",
+                              "--hps-checkpoint", "hps.pt", "--clip-path", "clip-folder"])
+    assert seen == [{"quantize": "false", "chunk_size": "2", "hps_checkpoint": "hps.pt", "clip_path": "clip-folder"}]
+    assert res["base"][1][0] < 0  # scored: minus the JPEG size
+    for option, message in (("quantize=maybe", "option quantize='maybe' is not a valid bool"),
+                            ("colour=red", "unknown reward option(s) ['colour']"),
+                            ("quantize", "--reward-option wants KEY=VALUE, got 'quantize'")):
+        with pytest.raises(SystemExit) as e:
+            sample.main(argv + ["--reward-option", option])
+        msg = str(e.value.code)
+        assert msg.startswith("sample.py: error: rewards.py: ") and "\n" not in msg and message in msg, msg
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv + ["--reward", "jpeg"])  # the last --reward wins
+    assert str(e.value.code).startswith("sample.py: error: rewards.py: unknown reward 'jpeg'")
+    assert len(seen) == 1  # every bad input failed before build_reward
