@@ -112,13 +112,25 @@ def _unique(prompts: list[str]) -> tuple[list[str], torch.Tensor]:
     return uniq, torch.tensor([where[p] for p in prompts])
 
 
+# options that train.py and sample.py also take as flags of their own (--hps-checkpoint PATH, ...)
+_FLAG_OPTIONS = ("hps_checkpoint", "aesthetic_checkpoint", "clip_path")
+
+
+def _how_to_pass(option: str, value: str = "PATH") -> str:
+    """'option=PATH' as build_reward takes it, and as a train.py / sample.py command line takes it."""
+    cli = f"--reward-option {option}={value}"
+    if option in _FLAG_OPTIONS:
+        cli = f"--{option.replace('_', '-')} {value} or {cli}"
+    return f"{option}={value} (command line: {cli})"
+
+
 def _hub_file(repo: str, filename: str, option: str) -> str:
     from huggingface_hub import hf_hub_download
     try:
         return hf_hub_download(repo, filename)
     except Exception as e:
         raise FileNotFoundError(f"rewards.py: could not get {filename} from the hub repo {repo} "
-                                f"({type(e).__name__}); download it and pass {option}=PATH") from e
+                                f"({type(e).__name__}); download it and pass {_how_to_pass(option)}") from e
 
 
 def _from_pretrained(cls, path: str, option: str):
@@ -126,7 +138,7 @@ def _from_pretrained(cls, path: str, option: str):
         return cls.from_pretrained(path)
     except OSError as e:
         raise FileNotFoundError(f"rewards.py: cannot load {cls.__name__} from {path!r} ({e.__class__.__name__}); "
-                                f"pass {option}=<local folder or hub id>") from e
+                                f"pass {_how_to_pass(option)}, PATH a local folder or hub id") from e
 
 
 def _torch_load(path: str, option: str):

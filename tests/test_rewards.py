@@ -153,8 +153,9 @@ def test_hps_bad_checkpoints(hps_files):
         build_reward("hps", hps_checkpoint=hps_files.ckpt, hps_arch=str(hps_files.dir / "other.json"))
     with pytest.raises(ValueError, match="unknown open_clip architecture"):
         build_reward("hps", hps_checkpoint=hps_files.ckpt, hps_arch="ViT-Q-99")
-    with pytest.raises(FileNotFoundError, match="hps_checkpoint=PATH"):  # hub default, offline in tests
+    with pytest.raises(FileNotFoundError, match="hps_checkpoint=PATH") as e:  # hub default, offline in tests
         build_reward("hps")
+    assert "(command line: --hps-checkpoint PATH or --reward-option hps_checkpoint=PATH)" in str(e.value)
 
 
 # -----------------------------------------------------------------------------
@@ -201,14 +202,17 @@ def clip_files(tmp_path_factory):
 
 
 def test_clip_rewards_without_weights_say_which_option(clip_files):
-    with pytest.raises(FileNotFoundError, match="pass clip_path="):  # hub default, offline in tests
+    with pytest.raises(FileNotFoundError, match="pass clip_path=") as e:  # hub default, offline in tests
         build_reward("aesthetic")
-    with pytest.raises(FileNotFoundError, match="aesthetic_checkpoint=PATH"):
+    assert "--clip-path PATH or --reward-option clip_path=PATH" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="aesthetic_checkpoint=PATH") as e:
         build_reward("aesthetic", clip_path=clip_files.clip)
+    assert "--aesthetic-checkpoint PATH or --reward-option aesthetic_checkpoint=PATH" in str(e.value)
     with pytest.raises(ValueError, match="aesthetic MLP .* does not fit"):
         build_reward("aesthetic", clip_path=clip_files.pick, aesthetic_checkpoint=clip_files.mlp_path)  # 16-d CLIP
-    with pytest.raises(FileNotFoundError, match="pass pickscore_processor="):
+    with pytest.raises(FileNotFoundError, match="pass pickscore_processor=") as e:
         build_reward("pickscore", pickscore_path=clip_files.pick)
+    assert "(command line: --reward-option pickscore_processor=PATH)" in str(e.value)  # no flag of its own
 
 
 def processor_pixels(processor, images: torch.Tensor) -> torch.Tensor:
