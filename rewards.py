@@ -20,6 +20,7 @@ Construct once (models load once), call many times:
     reward = build_reward("hps=1,aesthetic=0.05", device="cuda", hps_checkpoint="HPS_v2.1_compressed.pt")
     scores, info = reward(images, prompts)     # (B,) float32; info["components"], info["dropped"], info["warnings"]
     mask, message = drop_nonfinite(scores)     # the trainer drops NaN/inf images from the update, not the epoch
+    options = options_from_flags(["precision=fp32"], hps_checkpoint=None)  # command-line flags -> options, checked
 
 A reward that cannot score an image returns NaN for it (remote server down, ...); the weighted sum stays NaN
 there, its index goes to info["dropped"], and drop_nonfinite gives the mask and a one-line warning for the trainer.
