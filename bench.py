@@ -316,7 +316,7 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
                                         1e-4, autocast)
             rows.append(measure(f"update {mode}", impl, fn, units=items, unit="item", flops=f_upd, **R))
             m.gradient_checkpointing = False
-            del opt, params
+            opt = params = fn = None  # free the optimizer state before the next variant
             if rank:
                 lora.merge_and_remove(m)  # back to the plain model for the next mode (weights change: fine for speed)
             else:
@@ -357,7 +357,7 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
         f_epoch = f_roll + f_dec + next(r.flops for r in rows if r.name == "update lora" and r.impl == impl)
         rows.append(measure("epoch (lora)", impl, epoch, units=batch, unit="img", flops=f_epoch, **R))
         lora.merge_and_remove(model)
-        del opt, params
+        opt = params = fn = None  # free the optimizer state before the next variant
     print_table(rows, peak)
     return rows
 

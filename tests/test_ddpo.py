@@ -19,15 +19,6 @@ from unet import UNet2DConditionModel, UNetConfig
 CTX = 32  # text-embedding width of the tiny UNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 5-10x to contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     cfg = UNetConfig(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -10,15 +10,6 @@ from safetensors import safe_open
 import lora
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 5-10x to contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Attention(nn.Module):
     def __init__(self, d: int, ctx: int):
         super().__init__()

@@ -21,15 +21,6 @@ from weights import load_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 5-10x to contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_make_grid_layout_and_labels():
     colours = torch.linspace(0, 1, 5)
     images = torch.stack([torch.full((3, 16, 16), float(c)) for c in colours])  # 5 flat grey images

@@ -17,15 +17,6 @@ SD_SCHED = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.01
                 steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models gain nothing from intra-op threads, and on a shared 2-core machine they lose 5-10x to contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """A tiny diffusers UNet and VAE (the reference) and ours with the same weights."""

@@ -64,16 +64,6 @@ def meta_diffusers(config: dict) -> torch.nn.Module:
         return DiffusersUNet.from_config(config)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On the shared 2-core machine OpenMP threads spin-wait on each other: a 40k-element GroupNorm took 9 ms
-    # with 2 threads and 0.02 ms with 1. The full-size forwards here are small, so one thread is faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # tiny models: numerical parity
 

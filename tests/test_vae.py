@@ -26,16 +26,6 @@ TINY = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On the shared 2-core machine OpenMP threads spin-wait on each other; these models are small enough
-    # that one thread is faster (see tests/test_unet.py)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_pair(name: str, seed: int = 0):
     torch.manual_seed(seed)
     ref = DiffusersVAE(**TINY[name]).eval()
