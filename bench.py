@@ -350,7 +350,7 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
                     lats, logps = ref_rollout(model, dsched, cond, uncond, x0, nz, 5.0, 1.0)
                     imgs = (dvae.decode(lats[:, -1] / 0.18215).sample / 2 + 0.5).clamp(0, 1).float()
                 r, _ = reward(imgs, prompts)
-                adv = (r - r.mean()) / (r.std() + 1e-8)
+                adv = (r - r.mean()) / (r.std(correction=0) + 1e-8)
                 tsteps = dsched.timesteps.expand(batch, -1)
                 ref_update(model, params, dsched, ddpo.Samples(lats.float(), logps.float(), tsteps, adv), opt, cond,
                            uncond, 5.0, 1.0, args.micro_batch, 1e-4, autocast)
