@@ -17,8 +17,8 @@ One epoch is one straight line, top to bottom in main():
     torchrun --nproc_per_node 8 train.py --reward hps             # DDP; batch flags are per process
     python train.py --resume runs/<name>                          # continue exactly where it stopped
 
-Run directory (--out): config.json, metrics.jsonl, reward_curve.png, samples/epoch_XXXX.png,
-checkpoints/epoch_XXXX/ (weights, optimizer, tracker, fp16 loss scale, RNG and epoch state), export/ (diffusers UNet
+Run directory (--out): config.json, metrics.jsonl, reward_curve.png, samples/epoch_NNNN.png,
+checkpoints/epoch_NNNN/ (weights, optimizer, tracker, fp16 loss scale, RNG and epoch state), export/ (diffusers UNet
 folder, LoRA).
 """
 from __future__ import annotations
