@@ -15,6 +15,7 @@ its seed and, with --reward, its score (grid.py draws it).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -129,6 +130,9 @@ def main(argv=None) -> dict:
                                             aesthetic_checkpoint=args.aesthetic_checkpoint, clip_path=args.clip_path)
         if args.reward:
             parse_spec(args.reward)
+        if args.finetuned and not os.path.exists(os.path.expanduser(args.finetuned)):
+            raise FileNotFoundError(f"--finetuned {args.finetuned}: no such file or folder; pass a run directory, "
+                                    "its export/lora.safetensors or its export/unet/")
         pipe = load_pipeline(args.model, device, dtype, prediction_type=args.prediction_type)
         reward = build_reward(args.reward, device=device, **reward_options) if args.reward else None
     except (ValueError, FileNotFoundError, RuntimeError) as e:
@@ -141,7 +145,10 @@ def main(argv=None) -> dict:
     results = {}
     for label, ckpt in variants:
         if ckpt:
-            load_finetuned(pipe, ckpt)
+            try:
+                load_finetuned(pipe, ckpt)
+            except (ValueError, FileNotFoundError, RuntimeError) as e:
+                raise SystemExit(f"sample.py: error: {e}") from None
         images = generate(pipe, scheduler, [p for p, _ in jobs], [s for _, s in jobs],
                           negative_prompt=args.negative_prompt, guidance=args.guidance, eta=args.eta,
                           size=args.size, batch_size=args.batch_size, desc=label)

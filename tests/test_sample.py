@@ -159,3 +159,21 @@ def test_reward_options_reach_build_reward_and_bad_ones_fail_in_one_line(tmp_pat
         sample.main(argv + ["--reward", "jpeg"])  # the last --reward wins
     assert str(e.value.code).startswith("sample.py: error: rewards.py: unknown reward 'jpeg'")
     assert len(seen) == 1  # every bad input failed before build_reward
+
+
+def test_bad_finetuned_checkpoint_fails_in_one_line_before_sampling(tmp_path, monkeypatch):
+    loads = []
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: loads.append(a) or pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model", "tiny", "--finetuned", str(tmp_path / "missing"), "--compare"])
+    msg = str(e.value.code)
+    assert msg.startswith("sample.py: error: --finetuned ") and "no such file or folder" in msg and "\n" not in msg
+    assert not loads  # refused before the model loads
+    monkeypatch.undo()
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--model", "tiny", "--prompt", "a cat", "--n", "1", "--steps", "2", "--device", "cpu",
+                     "--finetuned", str(junk), "--out", str(tmp_path / "g.png")])
+    msg = str(e.value.code)
+    assert msg.startswith("sample.py: error: ") and "not a readable safetensors file" in msg and "\n" not in msg
