@@ -359,6 +359,9 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
         lora.merge_and_remove(model)
         opt = params = fn = None  # free the optimizer state before the next variant
     print_table(rows, peak)
+    if args.compile:  # the step loops must reuse one graph per shape: a recompile per timestep would be fatal
+        from torch._dynamo.utils import counters
+        print(f"torch.compile: {counters['stats']['unique_graphs']} graphs, recompiles {dict(counters['recompiles']) or 0}")
     return rows
 
 
