@@ -91,14 +91,17 @@ class Row:
     peak_mem_gb: float | None
 
 
-def measure(name, impl, fn, *, units, unit, flops, device, repeat) -> Row:
-    fn()  # warm-up (also compiles, fills caches)
+def measure(name, impl, fn, *, units, unit, flops, device, repeat, autocast) -> Row:
+    """Time fn() under autocast (a fresh context per call), as train.py runs every phase."""
+    with autocast():
+        fn()  # warm-up (also compiles, fills caches)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(repeat):
-        fn()
+        with autocast():
+            fn()
     sync(device)
     sec = (time.perf_counter() - t0) / repeat
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -212,14 +215,15 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
     torch.manual_seed(0)
     unet, vae, ctx_dim = build_models(arch, device, dtype)
     frozen_dtype = dtype  # LoRA base weights may be low precision; full fine-tuning keeps fp32 master weights
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    new_autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
+    autocast = new_autocast()  # the reference update's context (ref_update enters it per micro-step)
     h = size // 8
     cond = torch.randn(batch, 77, ctx_dim, device=device, dtype=dtype)
     uncond = torch.randn(1, 77, ctx_dim, device=device, dtype=dtype)
     sched = DDIMScheduler(SchedulerConfig(), num_steps=steps, device=device)
     seeds = list(range(batch))
     rows: list[Row] = []
-    R = dict(device=device, repeat=args.repeat)
+    R = dict(device=device, repeat=args.repeat, autocast=new_autocast)
     print(f"\n== {arch} UNet, {size}x{size} px (latent {h}x{h}), batch {batch} (x2 CFG), {steps} steps, "
           f"{str(dtype).replace('torch.', '')}, {device.type} ==")
 
@@ -274,7 +278,9 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
                                 units=batch, unit="img", flops=f_dec, **R))
 
     # (d) PPO update over B samples x N steps; one optimizer step per epoch keeps both loops comparable
-    traj = rollout(net, vae, sched, cond, uncond, guidance=5.0, eta=1.0, seeds=seeds, decode=False, height=size, width=size)
+    with new_autocast():  # as train.py: the stored log-probs come from the same autocast as the update's
+        traj = rollout(net, vae, sched, cond, uncond, guidance=5.0, eta=1.0, seeds=seeds, decode=False, height=size,
+                       width=size)
     samples = ddpo.Samples(traj.latents, traj.log_probs, traj.timesteps, torch.randn(batch, device=device))
     ucfg = ddpo.UpdateConfig(micro_batch=args.micro_batch, optimizer_steps_per_epoch=1)
     items = batch * steps

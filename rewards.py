@@ -505,7 +505,8 @@ REWARD_NAMES = tuple(REWARDS)
 _ALIASES = {"hps": "hps-v2.1"}
 
 OPTIONS: dict[str, tuple[type, object, str]] = {  # name -> (type, default, help); values may come as CLI strings
-    "precision": (str, "fp16", "autocast dtype of model rewards on CUDA: fp16 (as HPS/DDPO) | bf16 | fp32"),
+    "precision": (str, "auto", "autocast dtype of model rewards on CUDA: auto (each recipe's own: fp16 amp for HPS, "
+                               "fp32 for aesthetic, PickScore, diversity) | fp16 | bf16 | fp32"),
     "chunk_size": (int, 64, "images per model forward"),
     "quantize": (bool, True, "round images to 8-bit levels before scoring, as a saved PNG (published recipes)"),
     "hps_checkpoint": (str, None, f"local HPS .pt (default: hub {HPS_REPO})"),
@@ -578,7 +579,7 @@ def resolve_options(options: dict) -> dict:
         raise ValueError(f"rewards.py: unknown reward option(s) {unknown}; valid options: {', '.join(OPTIONS)}")
     o = {k: d for k, (_, d, _) in OPTIONS.items()}
     o.update({k: _coerce(k, v, OPTIONS[k][0]) for k, v in options.items() if v is not None})
-    checks = [(o["precision"] in ("fp16", "bf16", "fp32"), "precision", "one of fp16, bf16, fp32"),
+    checks = [(o["precision"] in ("auto", "fp16", "bf16", "fp32"), "precision", "one of auto, fp16, bf16, fp32"),
               (o["chunk_size"] >= 1, "chunk_size", ">= 1"), (o["http_timeout"] > 0, "http_timeout", "> 0"),
               (o["http_retries"] >= 0, "http_retries", ">= 0"), (o["http_backoff"] >= 0, "http_backoff", ">= 0"),
               (o["ranker_concurrency"] >= 1, "ranker_concurrency", ">= 1")]
@@ -606,8 +607,11 @@ def options_from_flags(pairs: list[str] | None = None, **flags) -> dict:
 
 
 def _build_one(name: str, device: torch.device, o: dict, shared: dict) -> Reward:
-    knobs = dict(precision=o["precision"], chunk_size=o["chunk_size"], quantize=o["quantize"])
     name = _ALIASES.get(name, name)
+    # "auto": the precision each published recipe scores in — HPSv2 under CUDA amp (fp16), DDPO's aesthetic scorer
+    # and PickScore's reference code in fp32 (fp16 moves their scores by ~1e-3)
+    precision = o["precision"] if o["precision"] != "auto" else ("fp16" if name.startswith("hps-") else "fp32")
+    knobs = dict(precision=precision, chunk_size=o["chunk_size"], quantize=o["quantize"])
     if name.startswith("hps-"):
         return HPS(name.removeprefix("hps-"), device, o["hps_checkpoint"], o["hps_arch"], **knobs)
     if name in ("aesthetic", "diversity"):

@@ -15,6 +15,7 @@ its seed and, with --reward, its score (grid.py draws it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -54,7 +55,10 @@ def generate(pipe, scheduler: DDIMScheduler, prompts: list[str], seeds: list[int
     """One image per (prompt, seed) pair, in that order: (B,3,H,W) fp32 in [0,1] on the CPU."""
     uncond = pipe.encode_prompts([negative_prompt])
     images = []
-    with lora.merged(pipe.unet):  # fold any LoRA adapters into the weights: plain-Linear speed while sampling
+    # fold any LoRA adapters into the weights for plain-Linear speed, but only into fp32 weights: an fp16/bf16 weight
+    # would round a small trained update away (as in train.py); low-precision bases run the adapters unmerged
+    exact = pipe.unet.conv_in.weight.dtype == torch.float32
+    with lora.merged(pipe.unet) if exact else contextlib.nullcontext():
         for i in tqdm(range(0, len(prompts), batch_size), desc=desc):
             cond = pipe.encode_prompts(prompts[i:i + batch_size])
             traj = rollout(pipe.unet, pipe.vae, scheduler, cond, uncond, guidance=guidance, eta=eta,

@@ -346,7 +346,8 @@ def mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     if not dist.is_initialized():
         return metrics
     rows = gather_objects(metrics)
-    return {k: float(np.mean([r[k] for r in rows])) for k in metrics}
+    reduce = {"first_ratio_max_dev": max, "items": sum}  # a max and a count; the rest are per-rank means
+    return {k: float(reduce.get(k, np.mean)([r[k] for r in rows])) for k in metrics}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -386,8 +387,8 @@ def read_metrics(path: str, before_epoch: int) -> list[dict]:
 def latest_checkpoint(run_dir: str) -> str | None:
     """The newest complete checkpoint: checkpoints are renamed into place only once written."""
     root = os.path.join(run_dir, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"epoch_\d+", n)) if os.path.isdir(root) else []
-    return os.path.join(root, names[-1]) if names else None
+    names = [n for n in os.listdir(root) if re.fullmatch(r"epoch_\d+", n)] if os.path.isdir(root) else []
+    return os.path.join(root, max(names, key=lambda n: int(n[6:]))) if names else None
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -435,9 +436,17 @@ def save_checkpoint(run_dir: str, epoch: int, unet, use_lora: bool, optimizer, t
             os.fsync(f.fileno())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    old = sorted(n for n in os.listdir(root) if re.fullmatch(r"epoch_\d+", n))[:-keep]
-    for name in old:
+    fd = os.open(root, os.O_RDONLY)  # make the rename itself durable before older checkpoints go
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    names = sorted((n for n in os.listdir(root) if re.fullmatch(r"epoch_\d+", n)), key=lambda n: int(n[6:]))
+    for name in names[:-keep]:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    for name in os.listdir(root):  # temporary directories of runs killed while saving
+        if ".tmp-" in name:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     return final
 
 
@@ -696,7 +705,7 @@ def main(argv: list[str] | None = None) -> None:
         out = {}
         if score:
             out = reward_stats("eval_reward", torch.tensor([r[1] for r in rows], dtype=torch.float64))
-        if grid and master:
+        if grid and master and args.grid_size > 0:
             pics = [r[2].float() / 255 for r in rows if r[2] is not None]
             caps = [f"{eval_prompts[r[0]][:30]}" + (f" {r[1]:.3g}" if score else "") for r in rows if r[2] is not None]
             grid_img = make_grid(torch.stack(pics), ncols=min(4, len(pics)), captions=caps)

@@ -526,6 +526,9 @@ def test_weighted_sum_equals_sum_of_components(hps_files, clip_files):
     solo_hps, _ = build_reward("hps", hps_checkpoint=hps_files.ckpt, hps_arch=hps_files.cfg)(images, PROMPTS[:4])
     assert torch.equal(c["hps"], solo_hps) and not reward.async_ok
     assert build_reward("jpeg-compressibility=2,jpeg-incompressibility").async_ok
+    # precision "auto": each recipe's own (HPSv2 scores under fp16 amp, DDPO's aesthetic scorer in fp32)
+    parts = {n: r for n, _, r in reward.parts}
+    assert parts["hps"].precision == "fp16" and parts["aesthetic"].encoder.precision == "fp32"
 
 
 def test_bad_specs_and_options():

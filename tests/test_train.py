@@ -279,3 +279,13 @@ def test_tiny_model_learns_jpeg_compressibility(tmp_path):
           f"({(end_mean - start_mean) / start_std:.1f} std) in {wall:.0f}s")
     assert end_mean - start_mean >= 3 * start_std
     assert wall < 180
+
+
+def test_latest_checkpoint_is_by_epoch_number_and_grid_size_zero_runs(tmp_path):
+    for name in ("epoch_9999", "epoch_10000", "epoch_0005.tmp-123"):  # :04d names stop sorting as strings at 10000
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert train.latest_checkpoint(str(tmp_path)).endswith("epoch_10000")
+    run = tmp_path / "nogrid"  # evaluation with no grid images: scores only, no sample grid
+    finish(start(*FAST, "--epochs", "1", "--eval-every", "1", "--sample-every", "1", "--eval-size", "2",
+                 "--grid-size", "0", "--out", str(run), launcher=(sys.executable,)))
+    assert "eval_reward_mean" in metrics(run)[0] and not list((run / "samples").glob("*.png"))
