@@ -787,6 +787,11 @@ def main(argv: list[str] | None = None) -> None:
         t_update = time.perf_counter() - t0
         global_step += args.optimizer_steps_per_epoch * args.inner_epochs
         stats = mean_over_ranks(stats)
+        if master and stats["first_ratio_max_dev"] > args.clip_range:  # ratio 1 is DDPO's sanity check
+            tqdm.write(f"warning: epoch {epoch}: the PPO ratio of the first micro-step is off 1 by "
+                       f"{stats['first_ratio_max_dev']:.2g} > --clip-range {args.clip_range:g}: rollout and update "
+                       "scored the same steps differently (precision or batch-size-dependent kernels); the update is "
+                       "clipped from the start. Check --precision, or use --precision fp32", file=sys.stderr)
 
         # log
         row.update(reward_stats("reward", global_rewards))
