@@ -8,6 +8,7 @@ tensor (B,) on the images' device plus an info dict. Each model reward follows i
     aesthetic  LAION aesthetic v2        r = w . e + b,  e = g_I(x)/|g_I(x)|                CLIP ViT-L/14 + linear MLP
     pickscore  PickScore (Kirstain 2023) r = exp(s) < f_I(x)/|f_I(x)| , f_T(c)/|f_T(c)| >   CLIP ViT-H/14, learned s
     jpeg-*     DDPO compressibility      r = -/+ |JPEG_q95(x)| / 1000                       kB (1 kB = 1000 bytes)
+    shapes     the shapes world          r = mean of the caption's atoms (object, count, relation, clean)  exact
     diversity  group diversity           r = 1/(n(n-1)) sum_{i!=j} (1 - cos(e_i, e_j))      shared by the group
     ranker, remote                       an HTTP chat model / any scoring server (rewards_http.py)
 
@@ -454,6 +455,27 @@ class JPEG(Reward):
 
 
 # -----------------------------------------------------------------------------
+# the shapes world's exact compositional score
+
+class Shapes(Reward):
+    """shapes.py's exact score of a caption's atoms (objects, count, relation, no extras), in [0, 1].
+    info["categories"]: {single, count, two, relation: (B,) the reward where the prompt is of that category, NaN
+    elsewhere; object, count_atom, relation_atom, clean: (B,) each atom's score, NaN where the prompt has none}."""
+    name, async_ok = "shapes", True
+
+    def score(self, images, prompts):
+        import shapes  # a bottom-floor module; imported here so the other rewards do not need scipy
+        try:
+            out = shapes.score_batch(to_uint8(images), prompts)
+        except ValueError as e:
+            raise ValueError(f"rewards.py: the shapes reward scores shapes-world captions only: {e}") from None
+        cats = {k: torch.tensor(out[k], dtype=torch.float32) for k in shapes.CATEGORIES}
+        cats.update({("count_atom" if k == "count" else "relation_atom" if k == "relation" else k):
+                     torch.tensor(out[k], dtype=torch.float32) for k in ("object", "count", "relation", "clean")})
+        return torch.tensor(out["reward"], dtype=torch.float32), {"categories": cats}
+
+
+# -----------------------------------------------------------------------------
 # weighted sums
 
 class WeightedSum(Reward):
@@ -497,6 +519,7 @@ REWARDS: dict[str, str] = {  # name -> one line for --help
     "pickscore": "PickScore_v1: exp(logit_scale) x CLIP ViT-H/14 cosine, ~18-23",
     "jpeg-compressibility": "minus the JPEG (q95) size in kB: rewards simple, smooth images (DDPO)",
     "jpeg-incompressibility": "the JPEG (q95) size in kB: rewards detailed, textured images (DDPO)",
+    "shapes": "the shapes world's exact compositional score in [0, 1]: objects, counts, relations (shapes.py)",
     "diversity": "mean pairwise CLIP ViT-L/14 cosine distance within each prompt's group, shared by the group",
     "ranker": "AI feedback: an OpenAI-compatible vision chat model ranks each prompt's images, best 1 .. worst 0",
     "remote": "POST PNGs + prompts as JSON to remote_url, read {'scores': [...]} back (any model, any machine)",
@@ -624,6 +647,8 @@ def _build_one(name: str, device: torch.device, o: dict, shared: dict) -> Reward
         return PickScore(o["pickscore_path"], o["pickscore_processor"], device, **knobs)
     if name.startswith("jpeg-"):
         return JPEG(-1 if name == "jpeg-compressibility" else 1)
+    if name == "shapes":
+        return Shapes()
     import rewards_http  # same floor: network rewards live in their own file
     http = dict(timeout=o["http_timeout"], retries=o["http_retries"], backoff=o["http_backoff"])
     if name == "ranker":

@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sample.py", description="Sample a captioned image grid from SD (base or DDPO "
                                 "fine-tuned).", epilog=reward_help(), formatter_class=HelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id, diffusers folder, .safetensors/.ckpt file, or 'tiny' (offline random SD)")
+                   help="hub id, diffusers folder, .safetensors/.ckpt file, 'shapes' (our pretrained toy) or 'tiny' (random)")
     p.add_argument("--prompt", action="append",
                    help="a prompt (repeat the flag for several); default: two built-in prompts")
     p.add_argument("--prompts", metavar="FILE",

@@ -254,3 +254,16 @@ def rollout(unet: Callable, vae, scheduler: DDIMScheduler, cond: torch.Tensor, u
         log_probs[:, i] = out.log_prob
     images = vae.decode_latents(x, chunk_size=vae_chunk) if decode else None  # the VAE casts to its dtype
     return Trajectory(images, traj, log_probs, scheduler.timesteps.expand(B, N).clone())
+
+
+def denoising_loss(unet: Callable, scheduler: DDIMScheduler, x0: torch.Tensor, cond: torch.Tensor,
+                   t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The "simple" DDPM objective (Ho et al. 2020, eq. 14) that SD is pretrained with: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε,
+    loss = mean ‖target − model(x_t, t, c)‖², target ε (epsilon models) or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0.
+
+    x0 (B,C,h,w) scaled latents, cond (B,77,D), t (B,) long training timesteps, noise like x0. Scalar fp32 loss.
+    pretrain.py trains the shapes model with it; the same function is the pretraining-loss regulariser L_pre."""
+    a = scheduler.alphas_cumprod[t].view(-1, *(1,) * (x0.dim() - 1))
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    target = noise if scheduler.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    return (unet(x_t.to(cond.dtype), t, cond).float() - target.float()).pow(2).mean()

@@ -59,7 +59,7 @@ SIMPLE_ANIMALS = [
     "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
     "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
 ]
-PROMPT_SETS = ("simple_animals", "imagenet_animals")
+PROMPT_SETS = ("simple_animals", "imagenet_animals", "shapes", "shapes-train", "shapes-heldout")
 
 # Defaults that depend on the model. SD: ddpo-pytorch's base config, sized for one 24 GB GPU (LoRA, bf16 autocast).
 # "tiny" (a random SD on a CPU): measured to learn jpeg-compressibility in a couple of minutes; its text encoder is
@@ -67,10 +67,18 @@ PROMPT_SETS = ("simple_animals", "imagenet_animals")
 # whole UNet at a high learning rate. An explicit flag always wins.
 MODEL_DEFAULTS = {
     "sd": dict(epochs=100, steps=50, guidance=5.0, sample_batch_size=8, sample_batches_per_epoch=4, train_batch_size=2,
-               optimizer_steps_per_epoch=2, lora_rank=4, eval_every=10, sample_every=10, save_every=5),
+               optimizer_steps_per_epoch=2, lora_rank=4, eval_every=10, sample_every=10, save_every=5, reward="hps",
+               prompts="simple_animals", eval_prompts=None, heldout_prompts=None, eval_size=16, group_size=1,
+               tracker_min_count=16, grid_size=8),
     "tiny": dict(epochs=20, steps=10, guidance=1.0, sample_batch_size=32, sample_batches_per_epoch=1,
                  train_batch_size=32, optimizer_steps_per_epoch=1, lora_rank=0, lr=5e-3, eval_every=5, sample_every=5,
                  save_every=5),
+    # "shapes" (our pretrained toy, shapes.py): the SD algorithm (LoRA, CFG, PPO, per-prompt advantages), only the
+    # sizes scaled to a CPU and the learning rate raised; each departure is measured in the README
+    "shapes": dict(epochs=30, steps=20, guidance=5.0, sample_batch_size=64, sample_batches_per_epoch=1,
+                   train_batch_size=64, optimizer_steps_per_epoch=2, lora_rank=4, lr=1e-3, eval_every=5,
+                   sample_every=10, save_every=5, prompts="shapes", eval_prompts="shapes", heldout_prompts="shapes-heldout",
+                   eval_size=0, reward="shapes", group_size=4, tracker_min_count=4, grid_size=16),
 }
 
 # flags that may differ when a run is resumed: they do not change what the run computes
@@ -103,13 +111,16 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         name = flag[2:].replace("-", "_")
         if name in MODEL_DEFAULTS["sd"]:
             kw["default"] = None
-            help += f" (default {MODEL_DEFAULTS['sd'][name]}; {MODEL_DEFAULTS['tiny'].get(name)} with --model tiny)"
+            help += f" (default {MODEL_DEFAULTS['sd'][name]}" + "".join(
+                f"; {MODEL_DEFAULTS[m][name]} with --model {m}" for m in ("tiny", "shapes") if name in MODEL_DEFAULTS[m])
+            help += ")"
         if suppress_defaults:
             kw["default"] = argparse.SUPPRESS
         group.add_argument(flag, help=help, **kw)
 
     section("model")
-    add("--model", "hub id, local diffusers folder, .safetensors/.ckpt file, or 'tiny' (random, CPU)",
+    add("--model", "hub id, local diffusers folder, .safetensors/.ckpt file, 'shapes' (our pretrained toy, CPU) or "
+        "'tiny' (random, for tests)",
         default=DEFAULT_MODEL)
     add("--size", "image size in pixels (default: the model's native size)", type=int, default=None)
     add("--negative-prompt", "the unconditional prompt of classifier-free guidance (default: empty)", default="")
@@ -132,7 +143,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     section("prompts and evaluation")
     add("--prompts", f"built-in set ({', '.join(PROMPT_SETS)}) or a text file, one prompt per line",
         default="simple_animals")
-    add("--eval-prompts", "held-out set or file, scored with fixed seeds (default: the training prompts)", default=None)
+    add("--eval-prompts", "set or file scored with fixed seeds (default: the training prompts)", default=None)
+    add("--heldout-prompts", "a second evaluation set, e.g. prompts never trained on, logged as heldout_reward_*",
+        default=None)
     add("--eval-size", "number of evaluation prompts used (0 = all)", type=int, default=16)
     add("--eval-every", "evaluate every N epochs, and at the start and end (0 = never)", type=int)
     add("--sample-every", "save a sample grid every N epochs, and at the start and end (0 = never)", type=int)
@@ -214,7 +227,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = argparse.Namespace(**{**saved, **given, "out": args.resume})
         validate(args)
         return args
-    for k, v in MODEL_DEFAULTS["tiny" if args.model == "tiny" else "sd"].items():
+    for k, v in MODEL_DEFAULTS.get(args.model, MODEL_DEFAULTS["sd"]).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    for k, v in MODEL_DEFAULTS["sd"].items():   # what --model shapes leaves to SD's defaults
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.device is None:
@@ -281,6 +297,9 @@ def load_prompts(spec: str) -> list[str]:
     """A built-in prompt set or a text file with one prompt per line (blank lines ignored)."""
     if spec == "simple_animals":
         return list(SIMPLE_ANIMALS)
+    if spec in ("shapes", "shapes-train", "shapes-heldout"):
+        import shapes
+        return shapes.prompt_sets()[spec]
     if spec == "imagenet_animals":
         # ImageNet-1k classes 0..397 are the animals (tench .. puffer), as in ddpo-pytorch. torchvision ships the
         # class names offline; they are its short names ("tench"), not ddpo-pytorch's raw lines ("tench, Tinca tinca").
@@ -483,52 +502,104 @@ def reward_stats(prefix: str, r: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def draw_reward_curve(history: list[dict], path: str, title: str) -> None:
-    """Training reward mean +- std per epoch (blue) and evaluation reward (orange), drawn with PIL."""
-    W, H, left, right, top, bottom = 900, 500, 80, 30, 40, 50
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    train = [(r["epoch"], r["reward_mean"], r["reward_std"]) for r in history if "reward_mean" in r]
-    evals = [(r["epoch"], r["eval_reward_mean"]) for r in history if "eval_reward_mean" in r]
-    ys = [m - s for _, m, s in train] + [m + s for _, m, s in train] + [m for _, m in evals]
-    xs = [e for e, _, _ in train] + [e for e, _ in evals]
-    if not ys:
+def reward_categories(info: dict) -> dict[str, torch.Tensor]:
+    """The per-category (B,) scores a reward reports in its info (the shapes reward's "categories": its prompt
+    categories and atoms, NaN where a prompt has none), across the parts of a weighted sum."""
+    return {k: v for detail in info.get("details", {}).values() for k, v in detail.get("categories", {}).items()}
+
+
+def category_means(prefix: str, cats: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{prefix_cat: mean over the finite entries}, leaving out categories with none."""
+    out = {}
+    for k, v in cats.items():
+        ok = v[torch.isfinite(v)].double()
+        if len(ok):
+            out[f"{prefix}_{k}"] = float(ok.mean())
+    return out
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    raw = (hi - lo) / n or abs(hi) or 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    return [k * step for k in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
+
+
+def _panel(d: ImageDraw.ImageDraw, box: tuple, series: list, title: str, font) -> None:
+    """One plot in box (x0, y0, x1, y1): series of (label, rgb, [(epoch, value)], [(epoch, lo, hi)] or None)."""
+    L, T, R, B = box[0] + 60, box[1] + 24, box[2] - 10, box[3] - 36
+    pts = [(e, v) for _, _, line, band in series for e, v in line + [(e, x) for e, lo, hi in band or [] for x in (lo, hi)]
+           if math.isfinite(v)]
+    d.text((L, box[1] + 6), title, fill="black", font=font)
+    if not pts:
         return
-    x0, x1 = min(xs), max(max(xs), min(xs) + 1)
-    y0, y1 = min(ys), max(ys)
-    pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
+    ticks = nice_ticks(min(v for _, v in pts), max(v for _, v in pts))
+    x0, x1 = min(e for e, _ in pts), max(max(e for e, _ in pts), min(e for e, _ in pts) + 1)
+    y0, y1 = ticks[0], ticks[-1] if ticks[-1] > ticks[0] else ticks[0] + 1
 
     def px(e, v):
-        return (left + (e - x0) / (x1 - x0) * (W - left - right), top + (y1 - v) / (y1 - y0) * (H - top - bottom))
+        return L + (e - x0) / (x1 - x0) * (R - L), T + (y1 - v) / (y1 - y0) * (B - T)
 
-    for i in range(6):  # grid lines with value labels
-        v = y0 + (y1 - y0) * i / 5
+    digits = max(0, -math.floor(math.log10(ticks[1] - ticks[0]))) if len(ticks) > 1 else 2
+    for v in ticks:
         y = px(x0, v)[1]
-        d.line([(left, y), (W - right, y)], fill=(225, 225, 225))
-        d.text((5, y - 6), f"{v:.4g}", fill="black", font=font)
-    step = max(1, math.ceil((x1 - x0) / 8))
-    for e in range(math.ceil(x0), math.floor(x1) + 1, step):  # integer epochs
-        x = px(e, y0)[0]
-        d.line([(x, H - bottom), (x, H - bottom + 4)], fill="black")
-        d.text((x - 4, H - bottom + 8), str(e), fill="black", font=font)
-    if len(train) > 1:
-        band = [px(e, m + s) for e, m, s in train] + [px(e, m - s) for e, m, s in reversed(train)]
-        d.polygon(band, fill=(200, 220, 245))
-        d.line([px(e, m) for e, m, _ in train], fill=(30, 90, 200), width=2)
-    for e, m, _ in train:
-        x, y = px(e, m)
-        d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=(30, 90, 200))
-    if len(evals) > 1:
-        d.line([px(e, m) for e, m in evals], fill=(230, 120, 20), width=2)
-    for e, m in evals:
-        x, y = px(e, m)
-        d.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(230, 120, 20))
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    d.text((left, 12), title, fill="black", font=font)
-    d.text((W - right - 330, 12), "train reward mean +- std (blue), eval reward (orange)", fill="black", font=font)
-    d.text((W // 2 - 15, H - 20), "epoch", fill="black", font=font)
+        d.line([(L, y), (R, y)], fill=(225, 225, 225))
+        d.text((box[0] + 4, y - 6), f"{v:.{digits}f}", fill="black", font=font)
+    for e in nice_ticks(x0, x1, 8):
+        if x0 <= e <= x1 and e == int(e):
+            x = px(e, y0)[0]
+            d.line([(x, B), (x, B + 4)], fill="black")
+            d.text((x - 4, B + 8), str(int(e)), fill="black", font=font)
+    d.text(((L + R) // 2 - 15, B + 20), "epoch", fill="black", font=font)
+    legend_x = L + 8
+    for label, rgb, line, band in series:
+        line = [(e, v) for e, v in line if math.isfinite(v)]
+        if band and len(band) > 1:
+            pale = tuple(int(c + (255 - c) * 0.75) for c in rgb)
+            d.polygon([px(e, hi) for e, _, hi in band] + [px(e, lo) for e, lo, _ in reversed(band)], fill=pale)
+        if len(line) > 1:
+            d.line([px(e, v) for e, v in line], fill=rgb, width=2)
+        for e, v in line:
+            x, y = px(e, v)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=rgb)
+        if line:
+            d.rectangle([legend_x, T + 6, legend_x + 10, T + 14], fill=rgb)
+            d.text((legend_x + 14, T + 4), label, fill="black", font=font)
+            legend_x += 20 + int(d.textlength(label, font=font))
+    d.rectangle([L, T, R, B], outline="black")
+
+
+CATEGORY_COLOURS = [(30, 90, 200), (230, 120, 20), (40, 150, 60), (200, 40, 40), (130, 80, 180), (120, 120, 120)]
+
+
+def draw_reward_curve(history: list[dict], path: str, title: str) -> None:
+    """The run's reward curves, drawn with PIL: training reward mean +- std, the evaluation sets' means and, when
+    the reward reports categories (the shapes reward), one panel per evaluation set with a line per category."""
+    def line(key):
+        return [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+
+    train = [(r["epoch"], r["reward_mean"] - r["reward_std"], r["reward_mean"] + r["reward_std"])
+             for r in history if r.get("reward_mean") is not None and r.get("reward_std") is not None]
+    main = [("train batch (mean +- std)", CATEGORY_COLOURS[0], line("reward_mean"), train),
+            ("eval prompts, fixed seeds", CATEGORY_COLOURS[1], line("eval_reward_mean"), None),
+            ("held-out prompts, fixed seeds", CATEGORY_COLOURS[2], line("heldout_reward_mean"), None)]
+    components = sorted({k[len("reward_"):-len("_mean")] for r in history for k in r
+                         if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean"})
+    main += [(f"component {c}", CATEGORY_COLOURS[3 + i % 3], line(f"reward_{c}_mean"), None)
+             for i, c in enumerate(components)]
+    panels = [(title, main)]
+    for prefix, name in (("eval_reward", "eval prompts"), ("heldout_reward", "held-out prompts")):
+        cats = [c for c in ("single", "count", "two", "relation") if line(f"{prefix}_{c}")]
+        if cats:
+            panels.append((f"{name} by category", [(c, CATEGORY_COLOURS[i], line(f"{prefix}_{c}"), None)
+                                                   for i, c in enumerate(cats)]))
+    W, H = 900, 420
+    img = Image.new("RGB", (W, H * len(panels)), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i, (t, series) in enumerate(panels):
+        _panel(d, (0, i * H, W, (i + 1) * H), series, t, font)
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
@@ -572,9 +643,14 @@ def main(argv: list[str] | None = None) -> None:
         validate(args, world)
         prompts = load_prompts(args.prompts)
         eval_prompts = load_prompts(args.eval_prompts) if args.eval_prompts else prompts
+        heldout_prompts = load_prompts(args.heldout_prompts) if args.heldout_prompts else []
         if args.eval_size:
-            eval_prompts = [eval_prompts[i * len(eval_prompts) // args.eval_size]
-                            for i in range(min(args.eval_size, len(eval_prompts)))]
+            eval_prompts, heldout_prompts = ([ps[i * len(ps) // args.eval_size] for i in range(min(args.eval_size, len(ps)))]
+                                             for ps in (eval_prompts, heldout_prompts))
+        if "shapes" in dict(parse_spec(args.reward)):   # its prompts must be in the world's grammar
+            import shapes
+            for p in {*prompts, *eval_prompts, *heldout_prompts}:
+                shapes.parse(p)
         ckpt = latest_checkpoint(args.out) if args.resume else None
         if args.resume and ckpt is None:
             raise FileNotFoundError(f"--resume {args.resume}: no checkpoint in {args.resume}/checkpoints (the run "
@@ -688,29 +764,39 @@ def main(argv: list[str] | None = None) -> None:
                                seeds=seeds, latents=x_T, vae_chunk=args.vae_chunk, height=size, width=size)
         return traj, cond
 
-    def evaluate(epoch: int, score: bool, grid: bool) -> dict:
-        """The evaluation prompts with fixed seeds (prompt i always gets the same noise): reward and a grid."""
+    def evaluate(epoch: int, name: str, prompt_list: list[str], score: bool, grid: bool) -> dict:
+        """A prompt set with fixed seeds (prompt i always gets the same noise): `name`_reward_* metrics (and per
+        category, if the reward reports categories) and a grid samples/[name_]epoch_NNNN.png."""
         unet.eval()
-        mine = list(range(rank, len(eval_prompts), world))
+        mine = list(range(rank, len(prompt_list), world))
         rows = []
         for b in range(0, len(mine), args.sample_batch_size):
             idx = mine[b:b + args.sample_batch_size]
-            ps = [eval_prompts[i] for i in idx]
+            ps = [prompt_list[i] for i in idx]
             traj, _ = generate(ps, [sample_seed(args.seed, -1, i) for i in idx], None)
-            scores = reward_fn(traj.images, ps)[0] if score else torch.zeros(len(idx))
+            scores, info = reward_fn(traj.images, ps) if score else (torch.zeros(len(idx)), {})
+            cats = reward_categories(info)
             for j, i in enumerate(idx):
                 image = (traj.images[j] * 255).round().byte().cpu() if i < args.grid_size else None
-                rows.append((i, float(scores[j]), image))
+                rows.append((i, float(scores[j]), {k: float(v[j]) for k, v in cats.items()}, image))
         rows = sorted((r for part in gather_objects(rows) for r in part), key=lambda r: r[0])
         out = {}
         if score:
-            out = reward_stats("eval_reward", torch.tensor([r[1] for r in rows], dtype=torch.float64))
+            out = reward_stats(f"{name}_reward", torch.tensor([r[1] for r in rows], dtype=torch.float64))
+            out.update(category_means(f"{name}_reward", {k: torch.tensor([r[2][k] for r in rows], dtype=torch.float64)
+                                                         for k in rows[0][2]}))
         if grid and master and args.grid_size > 0:
-            pics = [r[2].float() / 255 for r in rows if r[2] is not None]
-            caps = [f"{eval_prompts[r[0]][:30]}" + (f" {r[1]:.3g}" if score else "") for r in rows if r[2] is not None]
-            grid_img = make_grid(torch.stack(pics), ncols=min(4, len(pics)), captions=caps)
-            atomic_write(os.path.join(args.out, "samples", f"epoch_{epoch:04d}.png"),
-                         lambda tmp: grid_img.save(tmp, format="PNG"))
+            pics = [r[3].float() / 255 for r in rows if r[3] is not None]
+            caps = [f"{prompt_list[r[0]][:40]}" + (f" {r[1]:.2f}" if score else "") for r in rows if r[3] is not None]
+            grid_img = make_grid(torch.stack(pics), ncols=min(8, len(pics)), captions=caps)
+            stem = f"epoch_{epoch:04d}.png" if name == "eval" else f"{name}_epoch_{epoch:04d}.png"
+            atomic_write(os.path.join(args.out, "samples", stem), lambda tmp: grid_img.save(tmp, format="PNG"))
+        return out
+
+    def evaluate_all(epoch: int, score: bool, grid: bool) -> dict:
+        out = evaluate(epoch, "eval", eval_prompts, score, grid)
+        if heldout_prompts:
+            out.update(evaluate(epoch, "heldout", heldout_prompts, score, grid))
         return out
 
     def due(every: int, epoch: int) -> bool:
@@ -722,7 +808,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {"epoch": epoch}
         if due(args.eval_every, epoch) or due(args.sample_every, epoch):
             t0 = time.perf_counter()
-            row.update(evaluate(epoch, due(args.eval_every, epoch), due(args.sample_every, epoch)))
+            row.update(evaluate_all(epoch, due(args.eval_every, epoch), due(args.sample_every, epoch)))
             row["time_eval"] = time.perf_counter() - t0
 
         # prompts -> text embeddings -> rollout -> images -> rewards (scored in a thread while the next batch samples)
@@ -758,6 +844,8 @@ def main(argv: list[str] | None = None) -> None:
         names = list(results[0][1].get("components", {}))  # a weighted sum's parts, logged when there are several
         components = {k: torch.cat([r[1]["components"][k] for r in results]).float().to(device)
                       for k in names} if len(names) > 1 else {}
+        per_category = [reward_categories(r[1]) for r in results]
+        categories = {k: torch.cat([c[k] for c in per_category]).float().to(device) for k in per_category[0]}
         for warning in (w for r in results for w in r[1].get("warnings", [])):
             tqdm.write(f"rank {rank}: {warning}", file=sys.stderr)
 
@@ -797,6 +885,7 @@ def main(argv: list[str] | None = None) -> None:
         row.update(reward_stats("reward", global_rewards))
         for name, v in components.items():
             row.update(reward_stats(f"reward_{name}", gather_cat(v).cpu()))
+        row.update(category_means("reward", {k: gather_cat(v).cpu() for k, v in categories.items()}))
         row.update(stats)
         row["lr"] = optimizer.param_groups[0]["lr"]
         row["global_step"] = global_step
@@ -826,7 +915,7 @@ def main(argv: list[str] | None = None) -> None:
     # ---- final evaluation and export
     final = {}
     if due(args.eval_every, args.epochs) or due(args.sample_every, args.epochs):
-        final = evaluate(args.epochs, due(args.eval_every, args.epochs), due(args.sample_every, args.epochs))
+        final = evaluate_all(args.epochs, due(args.eval_every, args.epochs), due(args.sample_every, args.epochs))
     if master:
         if "eval_reward_mean" in final:  # the policy after the last epoch, on the curve next to the others
             draw_reward_curve(history + [{"epoch": args.epochs, **final}], os.path.join(args.out, "reward_curve.png"),

@@ -11,6 +11,7 @@ tower) and the tokenizer, from one of four sources:
   folder       a local diffusers folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/), e.g. a hub snapshot.
   single file  an LDM/CompVis checkpoint (.safetensors, or .ckpt read with torch.load(weights_only=True)).
   "tiny"       a small random-weight SD built in code with a fixed seed: runs offline on a CPU in seconds.
+  "shapes"     our pretrained toy model of the shapes world (models/shapes/, written by pretrain.py).
 
 Our modules are named after the diffusers keys, so diffusers files load as they are. Single files are renamed
 by two small rule-based functions (the LDM tables of sd_architecture.md §1.4 and §2.3), and SD2's OpenCLIP
@@ -56,6 +57,10 @@ SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
                     steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading",
                     prediction_type="epsilon")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+# "shapes": our own pretrained toy text-to-image model of the shapes world (shapes.py), shipped in the repository
+# as a diffusers folder and rebuilt by `python pretrain.py`
+SHAPES_MODEL = Path(__file__).resolve().parent / "models" / "shapes"
 
 # The "tiny" model: SD's architecture at toy width. 8x8 latents -> 64x64 images (the VAE keeps 4 levels, so
 # pixels = 8 * latents); the UNet is small enough for a CPU DDPO run, the tokenizer is the real CLIP BPE.
@@ -125,6 +130,11 @@ def load_pipeline(source: str = DEFAULT_MODEL, device="cpu", dtype: torch.dtype 
     path = Path(source).expanduser()
     if source == "tiny":
         parts = _tiny()
+    elif source == "shapes":
+        if not (SHAPES_MODEL / "model_index.json").exists():
+            raise FileNotFoundError(f"{SHAPES_MODEL}: the shapes model is missing; restore it from git or rebuild it "
+                                    "with `python pretrain.py`")
+        parts = _from_folder(SHAPES_MODEL, dtype)
     elif path.is_dir():
         parts = _from_folder(path, dtype)
     elif path.is_file():
@@ -133,7 +143,7 @@ def load_pipeline(source: str = DEFAULT_MODEL, device="cpu", dtype: torch.dtype 
         parts = _from_folder(_download(source, dtype), dtype)
     else:
         raise FileNotFoundError(f"{source}: no such file or folder; pass a hub id (e.g. {DEFAULT_MODEL}), a "
-                                "diffusers folder, a .safetensors/.ckpt checkpoint or 'tiny'")
+                                "diffusers folder, a .safetensors/.ckpt checkpoint, 'tiny' or 'shapes'")
     unet, vae, text_encoder, tokenizer, openclip, scheduler_config = parts
     scheduler_config = {**scheduler_config}
     scheduler_config["prediction_type"] = prediction_type or scheduler_config.get("prediction_type", "epsilon")
@@ -609,6 +619,55 @@ def _tiny():
         vae = AutoencoderKL(VAEConfig(**TINY["vae"]))
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY["text_encoder"]))
     return unet, vae, text_encoder, clip_tokenizer(), False, dict(SD_SCHEDULER)
+
+
+def save_pipeline(folder, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
+                  scheduler_config: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """Write a diffusers StableDiffusionPipeline folder (the layout _from_folder reads), tensors stored in `dtype`,
+    with SD1's tokenizer files (the CLIP BPE, EOS padding). Written beside the target and swapped in when complete."""
+    from safetensors.torch import save_file
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for comp in ("unet", "vae", "text_encoder", "scheduler"):
+        (tmp / comp).mkdir(parents=True)
+
+    def tensors(model: nn.Module, prefix: str = "") -> dict:
+        return {prefix + k.removeprefix("text_model."): v.detach().to("cpu", dtype).contiguous()
+                for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+
+    def dump(path: Path, obj: dict) -> None:
+        path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+    save_file(tensors(unet), str(tmp / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    dump(tmp / "unet" / "config.json", unet.config.to_dict())
+    save_file(tensors(vae), str(tmp / "vae" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
+    dump(tmp / "vae" / "config.json", vae.config.to_dict())
+    save_file(tensors(text_encoder, "text_model."), str(tmp / "text_encoder" / "model.safetensors"),
+              metadata={"format": "pt"})
+    text_config = text_encoder.config.to_dict()
+    text_config.update(architectures=["CLIPTextModel"], dtype="float32", torch_dtype="float32")  # compute in fp32
+    dump(tmp / "text_encoder" / "config.json", text_config)
+    (tmp / "tokenizer").mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(_clip_bpe_folder() / name, tmp / "tokenizer" / name)
+    special = {"bos_token": "<|startoftext|>", "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
+    dump(tmp / "tokenizer" / "special_tokens_map.json", special)
+    dump(tmp / "tokenizer" / "tokenizer_config.json", {**special, "model_max_length": MAX_TOKENS,
+                                                       "tokenizer_class": "CLIPTokenizer"})
+    dump(tmp / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler",
+                                                        **(scheduler_config or SD_SCHEDULER)})
+    dump(tmp / "model_index.json", {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1", "feature_extractor": [None, None],
+        "image_encoder": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+        "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"]})
+    old = folder.with_name(folder.name + f".old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_finetuned(pipe: Pipeline, path) -> Pipeline:
