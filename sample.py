@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import time
 from pathlib import Path
@@ -67,6 +68,25 @@ def generate(pipe, scheduler: DDIMScheduler, prompts: list[str], seeds: list[int
     return torch.cat(images)
 
 
+# what sample.py takes from a --finetuned run's config.json when the flag is not given, and the defaults without one
+RUN_SETTINGS = {"model": DEFAULT_MODEL, "steps": 50, "guidance": 5.0, "eta": 1.0, "size": None, "negative_prompt": ""}
+
+
+def apply_run_settings(args: argparse.Namespace) -> None:
+    """Fill the sampling flags left unset from the --finetuned run directory's config.json (the run's model,
+    steps, guidance, eta, size and negative prompt), then from RUN_SETTINGS."""
+    config_path = Path(os.path.expanduser(args.finetuned or "")) / "config.json"
+    run = {}
+    if args.finetuned and config_path.is_file():
+        try:
+            run = json.loads(config_path.read_text())
+        except ValueError:
+            raise ValueError(f"--finetuned {args.finetuned}: config.json is not valid JSON; restore it") from None
+    for name, default in RUN_SETTINGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, run.get(name, default))
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """--help shows the defaults (where there is one) and keeps the reward table's line breaks."""
 
@@ -78,20 +98,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sample.py", description="Sample a captioned image grid from SD (base or DDPO "
                                 "fine-tuned).", epilog=reward_help(), formatter_class=HelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="hub id, diffusers folder, .safetensors/.ckpt file, 'shapes' (our pretrained toy) or 'tiny' (random)")
+    p.add_argument("--model", help="hub id, diffusers folder, .safetensors/.ckpt file, 'shapes' (our pretrained toy) or "
+                   f"'tiny' (random); default: the --finetuned run's model, else {DEFAULT_MODEL}")
     p.add_argument("--prompt", action="append",
                    help="a prompt (repeat the flag for several); default: two built-in prompts")
     p.add_argument("--prompts", metavar="FILE",
                    help="text file with one prompt per line (added after the --prompt ones)")
     p.add_argument("--n", type=int, default=4, help="images per prompt (grid columns)")
     p.add_argument("--seed", type=int, default=0, help="column j uses seed SEED+j, for every prompt and model")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (1 = no guidance)")
-    p.add_argument("--eta", type=float, default=1.0,
-                   help="DDIM eta: 1 = DDPO's stochastic policy, 0 = deterministic DDIM")
-    p.add_argument("--size", type=int, help="image size in pixels (default: the model's native size)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt (the unconditional branch of CFG)")
+    # these five default to the --finetuned run's own settings (its config.json), so its policy is what is sampled
+    p.add_argument("--steps", type=int, help=f"DDIM steps (default: the run's, else {RUN_SETTINGS['steps']})")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the run's, "
+                   f"else {RUN_SETTINGS['guidance']})")
+    p.add_argument("--eta", type=float, help="DDIM eta: 1 = DDPO's stochastic policy, 0 = deterministic DDIM "
+                   f"(default: the run's, else {RUN_SETTINGS['eta']})")
+    p.add_argument("--size", type=int, help="image size in pixels (default: the run's, else the model's native size)")
+    p.add_argument("--negative-prompt", help="negative prompt, the unconditional branch of CFG (default: the run's, "
+                   "else empty)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="model dtype; auto = fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
@@ -111,13 +134,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip-path", help="CLIP ViT-L/14 folder or hub id for aesthetic/diversity")
     p.add_argument("--out", default="samples.png", help="output PNG path for the grid")
     args = p.parse_args(argv)
+    def fail(message: str):   # one line, not argparse's usage block
+        p.exit(2, f"sample.py: error: {message}\n")
+
+    try:
+        apply_run_settings(args)
+    except ValueError as e:
+        fail(str(e))
     for name in ("n", "steps", "batch_size"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.eta <= 1.0:
-        p.error(f"--eta must be in [0, 1], got {args.eta}")
+        fail(f"--eta must be in [0, 1], got {args.eta}")
     if args.compare and not args.finetuned:
-        p.error("--compare needs --finetuned CKPT (the model to compare the base with)")
+        fail("--compare needs --finetuned CKPT (the model to compare the base with)")
     return args
 
 

@@ -202,6 +202,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--out", "run directory (default runs/<timestamp>)", default=None)
     add("--resume", "run directory to continue from its last checkpoint", default=None)
     add("--save-every", "checkpoint every N epochs (and at the end)", type=int)
+    add("--max-bad-epochs", "stop after this many epochs in a row without one finite reward", type=int, default=3)
     add("--wandb", "also log to this Weights & Biases project (needs wandb installed)", default=None,
         metavar="PROJECT")
     return p
@@ -224,7 +225,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)
             raise ValueError(f"--resume: {flags} cannot change in a resumed run (it would not continue the same run); "
                              "start a new run with --out instead")
-        args = argparse.Namespace(**{**saved, **given, "out": args.resume})
+        # flags added since the run started take their defaults
+        args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **saved, **given, "out": args.resume})
         validate(args)
         return args
     for k, v in MODEL_DEFAULTS.get(args.model, MODEL_DEFAULTS["sd"]).items():
@@ -254,7 +256,7 @@ def validate(args: argparse.Namespace, world: int = 1) -> None:
             raise ValueError(msg)
     for k in ("epochs", "sample_batch_size", "sample_batches_per_epoch", "train_batch_size",
               "optimizer_steps_per_epoch", "inner_epochs", "steps", "group_size", "tracker_buffer",
-              "tracker_min_count"):
+              "tracker_min_count", "max_bad_epochs"):
         need(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     for k in ("save_every", "eval_every", "sample_every", "eval_size", "grid_size", "lora_rank", "kl_coef"):
         need(getattr(args, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
@@ -502,6 +504,11 @@ def reward_stats(prefix: str, r: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def strict_json(row: dict) -> str:
+    """One metrics.jsonl line: NaN/inf (an epoch without usable rewards) become null, so the file stays JSON."""
+    return json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()})
+
+
 def reward_categories(info: dict) -> dict[str, torch.Tensor]:
     """The per-category (B,) scores a reward reports in its info (the shapes reward's "categories": its prompt
     categories and atoms, NaN where a prompt has none), across the parts of a weighted sum."""
@@ -523,7 +530,10 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     raw = (hi - lo) / n or abs(hi) or 1.0
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    return [k * step for k in range(math.floor(lo / step), math.ceil(hi / step) + 1)]
+    first, last = math.floor(lo / step), math.ceil(hi / step)
+    if first == last:   # a flat curve: one step either side
+        first, last = first - 1, last + 1
+    return [k * step for k in range(first, last + 1)]
 
 
 def _panel(d: ImageDraw.ImageDraw, box: tuple, series: list, title: str, font) -> None:
@@ -536,7 +546,7 @@ def _panel(d: ImageDraw.ImageDraw, box: tuple, series: list, title: str, font) -
         return
     ticks = nice_ticks(min(v for _, v in pts), max(v for _, v in pts))
     x0, x1 = min(e for e, _ in pts), max(max(e for e, _ in pts), min(e for e, _ in pts) + 1)
-    y0, y1 = ticks[0], ticks[-1] if ticks[-1] > ticks[0] else ticks[0] + 1
+    y0, y1 = ticks[0], ticks[-1]
 
     def px(e, v):
         return L + (e - x0) / (x1 - x0) * (R - L), T + (y1 - v) / (y1 - y0) * (B - T)
@@ -555,7 +565,8 @@ def _panel(d: ImageDraw.ImageDraw, box: tuple, series: list, title: str, font) -
     legend_x = L + 8
     for label, rgb, line, band in series:
         line = [(e, v) for e, v in line if math.isfinite(v)]
-        if band and len(band) > 1:
+        band = [(e, lo, hi) for e, lo, hi in band or [] if math.isfinite(lo) and math.isfinite(hi)]
+        if len(band) > 1:
             pale = tuple(int(c + (255 - c) * 0.75) for c in rgb)
             d.polygon([px(e, hi) for e, _, hi in band] + [px(e, lo) for e, lo, _ in reversed(band)], fill=pale)
         if len(line) > 1:
@@ -735,7 +746,7 @@ def main(argv: list[str] | None = None) -> None:
             write_json(os.path.join(args.out, "config.json"), {**vars(args), "resume": None})
         # rewrite the log without the epochs after the checkpoint: they are computed again, identically
         atomic_write(os.path.join(args.out, "metrics.jsonl"),
-                     lambda tmp: open(tmp, "w").writelines(json.dumps(r) + "\n" for r in history))
+                     lambda tmp: open(tmp, "w").writelines(strict_json(r) + "\n" for r in history))
         what = f"LoRA r={args.lora_rank}" if use_lora else "full UNet"
         print(f"run {args.out}: {args.model}, reward {args.reward}, {what}, "
               f"{sum(p.numel() for p in params):,} trainable parameters, {args.precision}, {world} process(es), "
@@ -803,6 +814,7 @@ def main(argv: list[str] | None = None) -> None:
         return every > 0 and (epoch % every == 0 or epoch == args.epochs)
 
     # ---- the training loop
+    t_run, bad_epochs = time.perf_counter(), 0
     for epoch in range(start_epoch, args.epochs):
         t_epoch = time.perf_counter()
         row = {"epoch": epoch}
@@ -864,6 +876,25 @@ def main(argv: list[str] | None = None) -> None:
                           advantages=advantages[rank * n_local:(rank + 1) * n_local].to(device),
                           valid=torch.isfinite(rewards))
 
+        # no usable reward this epoch (a remote scorer down, ...): no update; --max-bad-epochs in a row end the run
+        if not torch.isfinite(global_rewards).any():
+            bad_epochs += 1
+            if master:
+                tqdm.write(f"warning: epoch {epoch}: no image got a finite reward; the update is skipped "
+                           f"({bad_epochs} of --max-bad-epochs {args.max_bad_epochs})", file=sys.stderr)
+            row.update(reward_stats("reward", global_rewards), time_total=time.perf_counter() - t_epoch)
+            history.append(row)
+            if master:
+                with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                    f.write(strict_json(row) + "\n")
+            if bad_epochs >= args.max_bad_epochs:
+                last = latest_checkpoint(args.out)
+                raise SystemExit(f"train.py: error: {bad_epochs} epochs in a row without a usable reward: check the "
+                                 f"reward ({args.reward}); the last checkpoint ({last or 'none yet'}) is intact, "
+                                 f"continue with --resume {args.out}")
+            continue
+        bad_epochs = 0
+
         # PPO update on the stored trajectories
         sync()
         t0 = time.perf_counter()
@@ -895,14 +926,15 @@ def main(argv: list[str] | None = None) -> None:
         history.append(row)
         if master:
             with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(strict_json(row) + "\n")
             draw_reward_curve(history, os.path.join(args.out, "reward_curve.png"), f"{args.reward} - {args.out}")
             if wandb_run is not None:
                 wandb_run.log(row, step=epoch)
             print(f"epoch {epoch}: reward {row['reward_mean']:.4g} +- {row['reward_std']:.3g}"
                   + (f", eval {row['eval_reward_mean']:.4g}" if "eval_reward_mean" in row else "")
-                  + f", kl {row.get('approx_kl', float('nan')):.3g}, clipfrac {row.get('clipfrac', float('nan')):.3g}, "
-                  f"{row['time_total']:.1f}s ({row['images_per_s']:.2f} img/s)", flush=True)
+                  + (f", held-out {row['heldout_reward_mean']:.4g}" if "heldout_reward_mean" in row else "")
+                  + "".join(f", {k} {row[k]:.3g}" for k in ("approx_kl", "clipfrac", "kl") if row.get(k))
+                  + f", {row['time_total']:.1f}s ({row['images_per_s']:.2f} img/s)", flush=True)
 
         # checkpoint (the next epoch to run is stored, never derived from a directory name)
         if (args.save_every and (epoch + 1) % args.save_every == 0) or epoch + 1 == args.epochs:
@@ -927,7 +959,12 @@ def main(argv: list[str] | None = None) -> None:
             "initial_reward_std": first.get("reward_std"),
             "final_reward_mean": history[-1]["reward_mean"] if history else None,
             "initial_eval_reward_mean": first.get("eval_reward_mean"),
-            "final_eval_reward_mean": final.get("eval_reward_mean"), "export": os.path.join(args.out, "export")})
+            "final_eval_reward_mean": final.get("eval_reward_mean"),
+            "initial_heldout_reward_mean": first.get("heldout_reward_mean"),
+            "final_heldout_reward_mean": final.get("heldout_reward_mean"),
+            "initial_eval": {k: v for k, v in first.items() if k.startswith(("eval_", "heldout_"))},
+            "final_eval": {k: v for k, v in final.items() if k.startswith(("eval_", "heldout_"))},
+            "minutes": (time.perf_counter() - t_run) / 60, "export": os.path.join(args.out, "export")})
         if final and wandb_run is not None:
             wandb_run.log(final, step=args.epochs)
         print(f"done: {args.out}/export"

@@ -177,3 +177,23 @@ def test_bad_finetuned_checkpoint_fails_in_one_line_before_sampling(tmp_path, mo
                      "--finetuned", str(junk), "--out", str(tmp_path / "g.png")])
     msg = str(e.value.code)
     assert msg.startswith("sample.py: error: ") and "not a readable safetensors file" in msg and "\n" not in msg
+
+
+def test_finetuned_run_supplies_its_own_sampling_settings(tmp_path, capsys):
+    """A run directory's config.json is the default for model, steps, guidance, eta, size and negative prompt;
+    a flag given on the command line wins. A bad flag is one line, not argparse's usage block."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model": "tiny", "steps": 7, "guidance": 1.5, "eta": 0.5,
+                                                 "size": 48, "negative_prompt": "blurry", "lr": 1e-3}))
+    args = sample.parse_args(["--finetuned", str(run)])
+    assert (args.model, args.steps, args.guidance, args.eta, args.size, args.negative_prompt) == \
+        ("tiny", 7, 1.5, 0.5, 48, "blurry")
+    args = sample.parse_args(["--finetuned", str(run), "--steps", "3", "--guidance", "5", "--negative-prompt", ""])
+    assert (args.steps, args.guidance, args.eta, args.negative_prompt) == (3, 5.0, 0.5, "")
+    args = sample.parse_args([])   # no run: the documented defaults
+    assert (args.model, args.steps, args.guidance, args.eta, args.size) == (sample.DEFAULT_MODEL, 50, 5.0, 1.0, None)
+    with pytest.raises(SystemExit):
+        sample.parse_args(["--batch-size", "0"])
+    err = capsys.readouterr().err
+    assert err == "sample.py: error: --batch-size must be >= 1, got 0\n"
