@@ -60,6 +60,8 @@ def parse_args(argv=None):
     p.add_argument("--channels-last", action="store_true", help="run our UNet in channels_last memory format")
     p.add_argument("--no-reference", action="store_true", help="skip the diffusers reference loop (no ratios)")
     p.add_argument("--no-full", action="store_true", help="skip the full fine-tuning update (saves 4x the UNet's memory)")
+    p.add_argument("--no-ckpt", action="store_true", help="skip the gradient-checkpointing update rows (with --compile: "
+                   "one graph fewer to compile)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by GPU name; none on CPU)")
     p.add_argument("--reward", default="jpeg-compressibility", help="reward used in the whole-epoch measurement")
     return p.parse_args(argv)
@@ -297,7 +299,8 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
         return f
 
     # ours, ours with gradient checkpointing (memory for ~1/3 more compute), the reference
-    impls = [("ours", unet, False), ("ours+ckpt", unet, True)] + ([("diffusers", dunet, False)] if dunet is not None else [])
+    impls = ([("ours", unet, False)] + ([] if args.no_ckpt else [("ours+ckpt", unet, True)])
+             + ([("diffusers", dunet, False)] if dunet is not None else []))
     modes = [("lora", args.lora_rank)] + ([] if args.no_full else [("full", 0)])
     for mode, rank in modes:
         for impl, m, ckpt in impls:
