@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rewards import Reward, RewardWarning, prompt_groups, to_uint8
+from reward_base import Reward, RewardWarning, prompt_groups, to_uint8
 
 
 def png_base64(image: np.ndarray) -> str:

@@ -341,30 +341,22 @@ def prompt_sets() -> dict[str, list[str]]:
     """The built-in prompt sets (train.py/sample.py --prompts NAME; written to prompts/NAME.txt):
     shapes          the RL training and evaluation prompts: up to 16 training captions per category (58)
     shapes-train    every training caption (483): the pretraining distribution
-    shapes-heldout  up to 16 held-out captions per category (50): combinations never seen in training"""
+    shapes-heldout  up to 16 held-out captions per category (47): combinations never seen in training"""
     return {"shapes": _per_category("train"), "shapes-train": split("train"), "shapes-heldout": _per_category("heldout")}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="The shapes world: write its prompt files, or draw a sample sheet.")
-    p.add_argument("--write-prompts", action="store_true", help=f"(re)write the prompt files in {PROMPT_DIR}")
-    p.add_argument("--sheet", metavar="PNG", help="draw 32 dataset items with their captions and scores to PNG")
+    p = argparse.ArgumentParser(description="The shapes world: (re)write the built-in prompt files.")
+    p.add_argument("--write-prompts", action="store_true", help=f"write prompt_sets() to {PROMPT_DIR}/NAME.txt")
     args = p.parse_args(argv)
-    if args.write_prompts:
-        PROMPT_DIR.mkdir(exist_ok=True)
-        for name, lines in prompt_sets().items():
-            path = PROMPT_DIR / f"{name}.txt"
-            path.write_text("\n".join(lines) + "\n")
-            print(f"{path}: {len(lines)} prompts")
-    if args.sheet:
-        import torch
-        from grid import make_grid
-        items = [dataset_item(i) for i in range(32)]
-        imgs = torch.tensor(np.stack([im for im, _ in items])).permute(0, 3, 1, 2).float() / 255
-        caps = [f"{t} {score(im, t)['reward']:.2f}" for im, t in items]
-        make_grid(imgs, ncols=8, captions=caps).save(args.sheet)
-    if not (args.write_prompts or args.sheet):
+    if not args.write_prompts:
         p.print_help()
+        return
+    PROMPT_DIR.mkdir(exist_ok=True)
+    for name, lines in prompt_sets().items():
+        path = PROMPT_DIR / f"{name}.txt"
+        path.write_text("\n".join(lines) + "\n")
+        print(f"{path}: {len(lines)} prompts")
 
 
 if __name__ == "__main__":

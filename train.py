@@ -82,7 +82,7 @@ MODEL_DEFAULTS = {
 }
 
 # flags that may differ when a run is resumed: they do not change what the run computes
-RESUME_OVERRIDABLE = ("resume", "epochs", "save_every", "sample_every", "eval_every", "wandb", "device",
+RESUME_OVERRIDABLE = ("resume", "epochs", "save_every", "keep_checkpoints", "sample_every", "eval_every", "wandb", "device",
                       "async_reward", "compile")
 
 
@@ -202,6 +202,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--out", "run directory (default runs/<timestamp>)", default=None)
     add("--resume", "run directory to continue from its last checkpoint", default=None)
     add("--save-every", "checkpoint every N epochs (and at the end)", type=int)
+    add("--keep-checkpoints", "keep the newest N checkpoints, delete older ones (0 = keep all)", type=int, default=1)
     add("--max-bad-epochs", "stop after this many epochs in a row without one finite reward", type=int, default=3)
     add("--wandb", "also log to this Weights & Biases project (needs wandb installed)", default=None,
         metavar="PROJECT")
@@ -258,7 +259,8 @@ def validate(args: argparse.Namespace, world: int = 1) -> None:
               "optimizer_steps_per_epoch", "inner_epochs", "steps", "group_size", "tracker_buffer",
               "tracker_min_count", "max_bad_epochs"):
         need(getattr(args, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
-    for k in ("save_every", "eval_every", "sample_every", "eval_size", "grid_size", "lora_rank", "kl_coef"):
+    for k in ("save_every", "eval_every", "sample_every", "eval_size", "grid_size", "lora_rank", "kl_coef",
+              "keep_checkpoints"):
         need(getattr(args, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
     need(0.0 <= args.eta <= 1.0, f"--eta must be in [0, 1], got {args.eta}")
     need(args.eta > 0.0, "--eta 0 makes every DDIM step deterministic: there is no policy to train; use --eta 1")
@@ -463,7 +465,7 @@ def save_checkpoint(run_dir: str, epoch: int, unet, use_lora: bool, optimizer, t
     finally:
         os.close(fd)
     names = sorted((n for n in os.listdir(root) if re.fullmatch(r"epoch_\d+", n)), key=lambda n: int(n[6:]))
-    for name in names[:-keep]:
+    for name in names[:-keep] if keep > 0 else []:
         shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     for name in os.listdir(root):  # temporary directories of runs killed while saving
         if ".tmp-" in name:
@@ -502,6 +504,15 @@ def reward_stats(prefix: str, r: torch.Tensor) -> dict[str, float]:
     if len(ok) < len(r):
         out[f"{prefix}_nonfinite"] = len(r) - len(ok)
     return out
+
+
+def cpu_warning(device: torch.device, n_params: int) -> str | None:
+    """The one warning for an SD-sized UNet on a CPU (CUDA absent or not chosen), or None."""
+    if device.type != "cpu" or n_params < 100_000_000:
+        return None
+    reason = "CUDA is not available" if not torch.cuda.is_available() else "--device cpu was chosen"
+    return (f"warning: training a {n_params / 1e6:.0f}M-parameter UNet on the CPU ({reason}): one epoch takes hours; "
+            "use a GPU, or --model shapes / --model tiny for a CPU run")
 
 
 def strict_json(row: dict) -> str:
@@ -685,6 +696,9 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         raise SystemExit(f"train.py: error: {e}") from None
 
+    warning = cpu_warning(device, sum(p.numel() for p in pipe.unet.parameters()))
+    if warning and master:
+        print(warning, file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)  # the same initial weights (LoRA A) on every rank
     low = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     autocast = (lambda: torch.autocast(device.type, dtype=low)) if low else contextlib.nullcontext
@@ -942,7 +956,7 @@ def main(argv: list[str] | None = None) -> None:
             if master:
                 save_checkpoint(args.out, epoch + 1, unet, use_lora, optimizer, tracker, grad_scaler, rngs,
                                 {"next_epoch": epoch + 1, "global_step": global_step, "world_size": world,
-                                 "wandb_id": wandb_id})
+                                 "wandb_id": wandb_id}, keep=args.keep_checkpoints)
 
     # ---- final evaluation and export
     final = {}

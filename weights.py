@@ -14,7 +14,7 @@ tower) and the tokenizer, from one of four sources:
   "shapes"     our pretrained toy model of the shapes world (models/shapes/, written by pretrain.py).
 
 Our modules are named after the diffusers keys, so diffusers files load as they are. Single files are renamed
-by two small rule-based functions (the LDM tables of sd_architecture.md §1.4 and §2.3), and SD2's OpenCLIP
+by two small rule-based functions (the CompVis LDM key layout, as in diffusers' single_file_utils), and SD2's OpenCLIP
 ViT-H text tower becomes a 23-layer CLIPTextModel (the "penultimate layer" SD2 was trained with). Every tensor
 is checked by name and shape before it is assigned (nanoGPT style) and bad input gets a one-line error.
 """
@@ -245,7 +245,7 @@ def _build_text_encoder(config: CLIPTextConfig, sd: dict, where: str) -> CLIPTex
 
 
 def _clip_bpe_folder() -> Path:
-    """vocab.json + merges.txt rebuilt from open_clip's bundled BPE (sd_architecture.md §3.3), written once to
+    """vocab.json + merges.txt rebuilt from open_clip's bundled BPE (bpe_simple_vocab_16e6.txt.gz, the same merges as openai/CLIP), written once to
     ~/.cache/nanoddpo/clip-tokenizer: merges are lines 1..48894 of the file; the vocab is the 256 byte
     characters, the same with </w>, one entry per merge, then the two special tokens (49408 in all)."""
     root = Path(os.environ.get("NANODDPO_CACHE", Path.home() / ".cache" / "nanoddpo"))

@@ -1,6 +1,6 @@
 """Test builders: tiny random Stable Diffusion models, built with diffusers/transformers (test-only references),
 saved as a diffusers folder and converted to the single-file LDM layout by our own diffusers -> LDM renaming
-(the tables of sd_architecture.md §1.4, §2.3, §3.2, written independently of weights.py's LDM -> diffusers).
+(the key tables of diffusers' convert_from_ckpt / single_file_utils, written independently of weights.py's LDM -> diffusers).
 
     sd = tiny_sd(sd2=False)                 # TinySD(unet, vae, text_encoder, sd2): diffusers/transformers modules
     save_diffusers_folder(root, sd)         # model_index.json, unet/ vae/ text_encoder/ tokenizer/ scheduler/
@@ -122,7 +122,7 @@ _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb
 
 
 def unet_to_ldm(sd: dict, layers: int, up_attention: list[bool]) -> dict:
-    """diffusers UNet keys -> LDM (sd_architecture.md §1.4): down level i, layer j is input_blocks
+    """diffusers UNet keys -> LDM (the CompVis ldm openaimodel layout): down level i, layer j is input_blocks
     3i+j+1 for SD's 2 layers, i.e. i*(layers+1)+j+1; the downsampler input_blocks (i+1)*(layers+1) ".0.op";
     up level i, layer j is output_blocks i*(layers+1)+j; the upsampler sits after the last resnet (".1") or
     after its attention (".2")."""

@@ -228,7 +228,7 @@ def test_low_precision_base_with_fp32_adapters(dtype):
 
 def test_sd15_unet_adapter_count_and_diffusers_paths():
     """On unet.py's full SD1.5 UNet (meta device, no memory): rank 4 on to_q/k/v/out.0 gives ddpo-pytorch's 797,184
-    trainable parameters (ddpo_algorithm.md), the base (diffusers) keys are unchanged, and the adapter keys are the
+    trainable parameters (ddpo-pytorch's LoRA on SD 1.5), the base (diffusers) keys are unchanged, and the adapter keys are the
     PEFT/diffusers names of those Linear layers."""
     from unet import UNet2DConditionModel, UNetConfig
     with torch.device("meta"):

@@ -47,7 +47,7 @@ def test_sd_schedule_matches_reference_table():
     assert s.timesteps.tolist() == list(range(981, 0, -20))
     sigma = s.sigma(s.timesteps, 1.0)
     ac = s.alphas_cumprod
-    # ddpo_algorithm.md §1a: step -> (t, ᾱ_t, ᾱ_prev, σ_t), each rounded as printed there
+    # SD 1.x at 50 steps, eta 1 (the values ddpo-pytorch's DDIM step computes): step -> (t, ᾱ_t, ᾱ_prev, σ_t), rounded
     table = {0: (981, "0.005776", "0.007282", "0.4545"), 1: (961, "0.007282", "0.009117", "0.4483"),
              24: (501, "0.2750", "0.3023", "0.2948"), 47: (41, "0.96087", "0.98038", "0.0999"),
              48: (21, "0.98038", "0.99830", "0.0395"), 49: (1, "0.99830", "0.99915", "0.02065")}
@@ -118,7 +118,7 @@ def test_step_matches_diffusers_per_timestep(prediction_type, set_alpha_to_one):
 
 
 def ddpo_log_prob_f64(ac, final_ac, step_ratio, eta, prediction_type, model_output, t, x, x_prev):
-    """The DDPO step log-prob written out independently, in float64 numpy (ddpo_algorithm.md §1a)."""
+    """The DDPO step log-prob written out independently, in float64 numpy (Black et al. 2023, ddpo-pytorch's ddim_step_with_logprob)."""
     out, x, x_prev, ac = (np.asarray(a, dtype=np.float64) for a in (model_output, x, x_prev, ac))
     res = []
     for b, tb in enumerate(t.tolist()):

@@ -293,9 +293,11 @@ def test_latest_checkpoint_is_by_epoch_number_and_grid_size_zero_runs(tmp_path):
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
     assert train.latest_checkpoint(str(tmp_path)).endswith("epoch_10000")
     run = tmp_path / "nogrid"  # evaluation with no grid images: scores only, no sample grid
-    finish(start(*FAST, "--epochs", "1", "--eval-every", "1", "--sample-every", "1", "--eval-size", "2",
-                 "--grid-size", "0", "--out", str(run), launcher=(sys.executable,)))
+    finish(start(*FAST, "--epochs", "3", "--eval-every", "1", "--sample-every", "1", "--eval-size", "2",
+                 "--grid-size", "0", "--save-every", "1", "--keep-checkpoints", "2", "--out", str(run),
+                 launcher=(sys.executable,)))
     assert "eval_reward_mean" in metrics(run)[0] and not list((run / "samples").glob("*.png"))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_0002", "epoch_0003"]  # --keep 2
 
 
 def test_unreachable_reward_stops_in_one_line_with_strict_json(tmp_path):
@@ -318,3 +320,11 @@ def test_unreachable_reward_stops_in_one_line_with_strict_json(tmp_path):
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines]
     assert [r["epoch"] for r in rows] == [0, 1] and all(r["reward_mean"] is None for r in rows)
     assert all("loss" not in r for r in rows)   # no update ran
+
+
+def test_cpu_warning_for_sd_sized_models_only():
+    msg = train.cpu_warning(torch.device("cpu"), 859_520_964)   # SD 1.5's UNet
+    assert msg.startswith("warning: training a 860M-parameter UNet on the CPU (") and "--model shapes" in msg
+    assert "\n" not in msg
+    assert train.cpu_warning(torch.device("cpu"), 1_700_000) is None      # the shapes model
+    assert train.cpu_warning(torch.device("cuda"), 859_520_964) is None

@@ -106,7 +106,7 @@ def test_tokenizer_sd1_matches_transformers():
     want = ref(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     got = weights.tokenize(weights.clip_tokenizer(), PROMPTS)
     assert got.shape == (len(PROMPTS), 77) and torch.equal(got, want)
-    # the ids sd_architecture.md §3.3 lists, and the empty prompt
+    # CLIP BPE ids of common words (as transformers' CLIPTokenizer gives them), and the empty prompt
     assert got[0, :12].tolist() == [49406, 320, 1125, 539, 550, 18376, 6765, 320, 4558, 525, 7496, 49407]
     assert got[1].tolist() == [49406] + [49407] * 76
     assert got[-1, -1] == 49407 and (got[-1] != 49407).sum() == 76   # truncated: BOS + 75 + EOS
@@ -343,7 +343,7 @@ def test_load_finetuned(built, tmp_path):
 def test_full_size_layouts(preset):
     """The real SD architectures, on the meta device (no memory): diffusers -> LDM -> our renaming gives back
     every key and shape, the configs inferred from the shapes are the presets, and the parameter counts are
-    those of sd_architecture.md §1.1, §2.1, §3."""
+    the published SD 1.x/2.x configs (diffusers' hub config.json files)."""
     from diffusers import AutoencoderKL as DiffusersVAE, UNet2DConditionModel as DiffusersUNet
     from transformers import CLIPTextConfig, CLIPTextModel
     sd2, v = preset != "sd15", preset == "sd21-v"
