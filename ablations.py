@@ -30,6 +30,8 @@ ROWS = {
     "grpo": ("GRPO groups: advantages within each prompt's 4 images", ["--advantage", "group"]),
     "kl": ("KL to the initial policy, coefficient 0.1", ["--kl-coef", "0.1"]),
     "steps10": ("10 DDIM steps instead of 20", ["--steps", "10"]),
+    "clip1e-4": ("SD's clip range 1e-4 (a 256x smaller trust region at this latent size)", ["--clip-range", "1e-4"]),
+    "lr3e-4": ("SD's LoRA learning rate 3e-4", ["--lr", "3e-4"]),
 }
 
 

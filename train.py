@@ -69,16 +69,20 @@ MODEL_DEFAULTS = {
     "sd": dict(epochs=100, steps=50, guidance=5.0, sample_batch_size=8, sample_batches_per_epoch=4, train_batch_size=2,
                optimizer_steps_per_epoch=2, lora_rank=4, eval_every=10, sample_every=10, save_every=5, reward="hps",
                prompts="simple_animals", eval_prompts=None, heldout_prompts=None, eval_size=16, group_size=1,
-               tracker_min_count=16, grid_size=8),
+               tracker_min_count=16, grid_size=8, clip_range=1e-4),
     "tiny": dict(epochs=20, steps=10, guidance=1.0, sample_batch_size=32, sample_batches_per_epoch=1,
                  train_batch_size=32, optimizer_steps_per_epoch=1, lora_rank=0, lr=5e-3, eval_every=5, sample_every=5,
                  save_every=5),
-    # "shapes" (our pretrained toy, shapes.py): the SD algorithm (LoRA, CFG, PPO, per-prompt advantages), only the
-    # sizes scaled to a CPU and the learning rate raised; each departure is measured in the README
+    # "shapes" (our pretrained toy, shapes.py): the SD algorithm (LoRA, CFG, PPO, per-prompt advantages) with the
+    # sizes scaled to a CPU (64 images x 20 steps; 4 images per prompt so the tracker has per-prompt stats from the
+    # first epoch), the learning rate raised, and the clip range scaled to the latent size: the PPO ratio is on the
+    # MEAN log-prob over D latent elements, so SD 1.5's 1e-4 at D = 64*64*4 is a +-1.6-nat trust region on the
+    # summed log-ratio, and 6e-3 at the shapes model's D = 8*8*4 is the same region. Each change is measured in
+    # the README's learners' table.
     "shapes": dict(epochs=30, steps=20, guidance=5.0, sample_batch_size=64, sample_batches_per_epoch=1,
                    train_batch_size=64, optimizer_steps_per_epoch=2, lora_rank=4, lr=1e-3, eval_every=5,
                    sample_every=10, save_every=5, prompts="shapes", eval_prompts="shapes", heldout_prompts="shapes-heldout",
-                   eval_size=0, reward="shapes", group_size=4, tracker_min_count=4, grid_size=16),
+                   eval_size=0, reward="shapes", group_size=4, tracker_min_count=4, grid_size=16, clip_range=6e-3),
 }
 
 # flags that may differ when a run is resumed: they do not change what the run computes
@@ -111,9 +115,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         name = flag[2:].replace("-", "_")
         if name in MODEL_DEFAULTS["sd"]:
             kw["default"] = None
-            help += f" (default {MODEL_DEFAULTS['sd'][name]}" + "".join(
-                f"; {MODEL_DEFAULTS[m][name]} with --model {m}" for m in ("tiny", "shapes") if name in MODEL_DEFAULTS[m])
-            help += ")"
+            given = [f"{MODEL_DEFAULTS[m][name]} with --model {m}" for m in ("tiny", "shapes") if name in MODEL_DEFAULTS[m]]
+            if MODEL_DEFAULTS["sd"][name] is not None:
+                given.insert(0, f"default {MODEL_DEFAULTS['sd'][name]}")
+            help += f" ({'; '.join(given)})"
         if suppress_defaults:
             kw["default"] = argparse.SUPPRESS
         group.add_argument(flag, help=help, **kw)
@@ -174,7 +179,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     section("update")
     add("--loss", "PPO-clip (DDPO_IS) or score function (DDPO_SF, needs --optimizer-steps-per-epoch 1)",
         choices=("ppo", "sf"), default="ppo")
-    add("--clip-range", "PPO ratio clip range", type=float, default=1e-4)
+    add("--clip-range", "PPO ratio clip range, on the per-element mean log-prob ratio (scheduler.py)", type=float)
     add("--kl-coef", "weight of the KL to the initial policy (0 = off)", type=float, default=0.0)
     add("--train-batch-size", "(sample, timestep) items per UNet call in training (x2 with CFG), per process",
         type=int)
@@ -230,10 +235,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **saved, **given, "out": args.resume})
         validate(args)
         return args
-    for k, v in MODEL_DEFAULTS.get(args.model, MODEL_DEFAULTS["sd"]).items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    for k, v in MODEL_DEFAULTS["sd"].items():   # what --model shapes leaves to SD's defaults
+    for k, v in {**MODEL_DEFAULTS["sd"], **MODEL_DEFAULTS.get(args.model, {})}.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.device is None:
