@@ -404,9 +404,7 @@ class Shapes(Reward):
             out = shapes.score_batch(to_uint8(images), prompts)
         except ValueError as e:
             raise ValueError(f"rewards.py: the shapes reward scores shapes-world captions only: {e}") from None
-        cats = {k: torch.tensor(out[k], dtype=torch.float32) for k in shapes.CATEGORIES}
-        cats.update({("count_atom" if k == "count" else "relation_atom" if k == "relation" else k):
-                     torch.tensor(out[k], dtype=torch.float32) for k in ("object", "count", "relation", "clean")})
+        cats = {k: torch.tensor(v, dtype=torch.float32) for k, v in out.items() if k != "reward"}
         return torch.tensor(out["reward"], dtype=torch.float32), {"categories": cats}
 
 

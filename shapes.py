@@ -311,9 +311,11 @@ def score(img: np.ndarray, text: str) -> dict[str, float]:
 
 
 def score_batch(images: np.ndarray, prompts: list[str]) -> dict[str, np.ndarray]:
-    """(B, H, W, 3) uint8 + B captions -> arrays of score()'s fields, plus one per category (NaN elsewhere)."""
+    """(B, H, W, 3) uint8 + B captions -> arrays: reward, the atoms (object, count_atom, relation_atom, clean)
+    and the reward per category (single, count, two, relation), NaN where it does not apply."""
     rows = [score(img, p) for img, p in zip(images, prompts)]
-    out = {k: np.array([r[k] for r in rows]) for k in rows[0]}
+    out = {("count_atom" if k == "count" else "relation_atom" if k == "relation" else k): np.array([r[k] for r in rows])
+           for k in rows[0]}   # the atoms count/relation are renamed: "count"/"relation" are also categories
     cats = [parse(p).category for p in prompts]
     for c in CATEGORIES:
         out[c] = np.where([k == c for k in cats], out["reward"], np.nan)
