@@ -74,3 +74,24 @@ def test_missing_model_is_one_line(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="shapes model is missing; restore it from git or rebuild it with "
                                                 "`python pretrain.py`"):
         weights.load_pipeline("shapes")
+
+
+@pytest.mark.slow
+def test_ddpo_raises_the_exact_reward_on_hard_prompts(tmp_path):
+    """`train.py --model shapes` with its defaults (LoRA, CFG 5, PPO, per-prompt advantages, 128 images per epoch),
+    on two relation prompts the pretrained model gets about half right, drawn in groups of 32: the mean batch
+    reward of epochs 5-7 is above epoch 0's by a clear margin (measured on this CPU: 0.498 -> 0.614)."""
+    prompts = tmp_path / "hard.txt"
+    prompts.write_text("a green triangle left of a blue circle\na yellow square above a red triangle\n")
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--model", "shapes", "--prompts", str(prompts),
+                           "--eval-prompts", str(prompts), "--heldout-prompts", "", "--epochs", "8",
+                           "--eval-every", "0", "--sample-every", "0", "--group-size", "32", "--out", str(run)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    start, end = rows[0]["reward_mean"], sum(r["reward_mean"] for r in rows[5:8]) / 3
+    print(f"shapes DDPO on hard prompts: batch reward {start:.3f} -> {end:.3f}")
+    assert end >= start + 0.05
+    assert all(r["first_ratio_max_dev"] < 6e-3 for r in rows)   # every update starts on-policy
