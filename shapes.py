@@ -339,12 +339,22 @@ def _per_category(split_name: str, k: int = 16) -> list[str]:
     return chosen
 
 
+# The RL demo's prompts: two of each hard skill (counting, two objects) and one per relation, all from the training
+# split, the first two the ones the README's before/after grid shows. Few prompts on purpose: DDPO on a CPU gets
+# ~130 images an epoch, and a prompt needs tens of them before its per-prompt advantages say anything.
+HARD = ["three red squares", "a blue circle left of a yellow triangle", "four blue circles",
+        "a red circle and a yellow triangle", "a blue square and a red square", "a red triangle right of a yellow square",
+        "a yellow square above a red circle", "a blue circle below a green triangle"]
+
+
 def prompt_sets() -> dict[str, list[str]]:
     """The built-in prompt sets (train.py/sample.py --prompts NAME; written to prompts/NAME.txt):
-    shapes          the RL training and evaluation prompts: up to 16 training captions per category (58)
+    shapes          up to 16 training captions per category (58): the broad evaluation set
+    shapes-hard     8 hard training captions (HARD): what `train.py --model shapes` trains on
     shapes-train    every training caption (483): the pretraining distribution
     shapes-heldout  up to 16 held-out captions per category (47): combinations never seen in training"""
-    return {"shapes": _per_category("train"), "shapes-train": split("train"), "shapes-heldout": _per_category("heldout")}
+    return {"shapes": _per_category("train"), "shapes-hard": list(HARD), "shapes-train": split("train"),
+            "shapes-heldout": _per_category("heldout")}
 
 
 def main(argv: list[str] | None = None) -> None:

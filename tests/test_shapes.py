@@ -42,7 +42,7 @@ def test_held_out_combinations_never_reach_training():
             assert (c, s) not in shapes.HELD_OUT["colour_shape"] and (n, s) not in shapes.HELD_OUT["count_shape"]
     assert all(shapes.dataset_item(i)[1] in train_split for i in range(300))
     sets = shapes.prompt_sets()
-    assert set(sets["shapes"]) <= train_split and set(sets["shapes-heldout"]) <= held
+    assert set(sets["shapes"]) | set(sets["shapes-hard"]) <= train_split and set(sets["shapes-heldout"]) <= held
     for name, prompts in sets.items():   # the shipped prompt files are what the code generates
         assert (shapes.PROMPT_DIR / f"{name}.txt").read_text().split("\n")[:-1] == prompts
         assert train.load_prompts(name) == prompts
