@@ -7,7 +7,7 @@ evaluation seeds, so their differences are the design choice (and sampling noise
 reports the exact shapes reward on the training prompts and on the held-out prompts at the start and the end, and
 its wall time.
 
-    python ablations.py                         # all rows, ~4 min each on 2 CPU cores -> runs/ablations/table.md
+    python ablations.py                         # all rows, ~2.5 min each on 2 CPU cores -> runs/ablations/table.md
     python ablations.py --rows default sf       # some rows
     python ablations.py --epochs 6 --out /tmp/a # a shorter table
 """
@@ -27,7 +27,7 @@ ROWS = {
     "default": ("DDPO-IS (PPO clip), LoRA r=4 lr 1e-2, per-prompt tracker, KL 0, 20 steps", []),
     "sf": ("DDPO-SF: score function, one optimizer step per epoch", ["--loss", "sf", "--optimizer-steps-per-epoch", "1"]),
     "full": ("full fine-tuning of the UNet instead of LoRA (lr 3e-4)", ["--lora-rank", "0", "--lr", "3e-4"]),
-    "grpo": ("GRPO groups: advantages within each epoch's 8 images of a prompt", ["--advantage", "group"]),
+    "grpo": ("GRPO groups: advantages within each epoch's 16 images of a prompt", ["--advantage", "group"]),
     "kl": ("KL to the initial policy, coefficient 0.1", ["--kl-coef", "0.1"]),
     "steps10": ("10 DDIM steps instead of 20", ["--steps", "10"]),
     "lr3e-4": ("SD's LoRA learning rate 3e-4", ["--lr", "3e-4"]),
