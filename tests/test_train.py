@@ -227,7 +227,7 @@ def test_cli_error_is_one_line_on_stderr(tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert err.strip().splitlines() == [f"train.py: error: prompts: '{tmp_path / 'nope.txt'}' is neither a built-in "
-                                        "set (simple_animals, imagenet_animals) nor a file; pass one of those or a "
+                                        "set (simple_animals, imagenet_animals, shapes, shapes-hard, shapes-train, shapes-heldout) nor a file; pass one of those or a "
                                         "text file with one prompt per line"]
 
 
