@@ -129,8 +129,8 @@ def test_disabled_equals_base_and_gradients_reach_only_adapters():
     randomize_lora(m)
     x, c = inputs()
     assert not torch.allclose(m(x, c), base(x, c))
-    with lora.disabled(m):
-        assert torch.equal(m(x, c), base(x, c))
+    with lora.disabled(m):   # equal to float rounding: the disabled path may take another matmul kernel
+        torch.testing.assert_close(m(x, c), base(x, c), rtol=0, atol=1e-5)
     assert not torch.allclose(m(x, c), base(x, c))  # re-enabled
     m(x, c).square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
