@@ -59,7 +59,8 @@ SIMPLE_ANIMALS = [
     "dolphin", "squirrel", "mouse", "rat", "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig",
     "turkey", "fly", "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
 ]
-PROMPT_SETS = ("simple_animals", "imagenet_animals", "shapes", "shapes-hard", "shapes-train", "shapes-heldout")
+SHAPES_SETS = ("shapes", "shapes-hard", "shapes-train", "shapes-heldout")   # shapes.prompt_sets()
+PROMPT_SETS = ("simple_animals", "imagenet_animals", *SHAPES_SETS)
 
 # Defaults that depend on the model. SD: ddpo-pytorch's base config, sized for one 24 GB GPU (LoRA, bf16 autocast).
 # "tiny" (a random SD on a CPU): measured to learn jpeg-compressibility in a couple of minutes; its text encoder is
@@ -308,7 +309,7 @@ def load_prompts(spec: str) -> list[str]:
     """A built-in prompt set or a text file with one prompt per line (blank lines ignored)."""
     if spec == "simple_animals":
         return list(SIMPLE_ANIMALS)
-    if spec in ("shapes", "shapes-hard", "shapes-train", "shapes-heldout"):
+    if spec in SHAPES_SETS:
         import shapes
         return shapes.prompt_sets()[spec]
     if spec == "imagenet_animals":
