@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from cli import ArgumentParser
+
 ROOT = Path(__file__).resolve().parent
 # name -> (what changes, train.py flags)
 ROWS = {
@@ -35,8 +37,7 @@ ROWS = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="ablations.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to run, in this order")
     p.add_argument("--epochs", type=int, default=8, help="epochs per row")
     p.add_argument("--out", default="runs/ablations", help="one run directory per row, table.md and table.json")

@@ -22,9 +22,9 @@ ours (> 1 means we are faster).
     python bench.py --batch 16 --steps 50 --compile --peak-tflops 989
 Weights are random: speed does not depend on their values, and no hub is needed.
 """
-import argparse
 import contextlib
 import gc
+import importlib.util
 import math
 import time
 from dataclasses import dataclass
@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ddpo
 import lora
+from cli import DTYPES, ArgumentParser
 from rewards import build_reward
 from scheduler import DDIMScheduler, SchedulerConfig, guided_eps, rollout
 from unet import UNet2DConditionModel, UNetConfig
@@ -45,7 +46,7 @@ PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0, "A100": 312.0, "L40S": 362.0, "A10"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--quick", action="store_true", help="CPU run: the tiny model, then the SD 1.5 architecture at a small latent")
     p.add_argument("--model", default="sd15", choices=["sd15", "sd21-base", "tiny"], help="architecture (random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
@@ -381,8 +382,11 @@ def main(argv=None):
         device = torch.device("cpu")
     dname = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in dname), None)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if not args.no_reference and importlib.util.find_spec("diffusers") is None:
+        print("bench.py: diffusers is not installed, so ours is measured alone (no ref/ours ratios); "
+              "`pip install diffusers` for the reference loop", flush=True)
+        args.no_reference = True
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -401,10 +401,11 @@ def phase_memory(ctx: Ctx) -> dict:
     (disk, not memory: the full fine-tuning checkpoint alone is 14 GB)."""
     import gc
     import torch
+    import run as trainrun
     import train
     _need_folder(ctx)
-    train.save_checkpoint = lambda *a, **k: None
-    train.export = lambda *a, **k: None
+    trainrun.save_checkpoint = lambda *a, **k: None
+    trainrun.export = lambda *a, **k: None
     cuda = ctx.device == "cuda"
     # 5 of 50 steps trained per sample: the peak is one micro-step's, the rollout store is the full 50 steps'
     fraction = [] if ctx.dry else ["--timestep-fraction", "0.1"]

@@ -1,6 +1,7 @@
 """
-Captioned image grids: rows of images with a label above each row, a caption under each image and optional
-column-group headers, drawn with PIL (sample.py's comparisons, train.py's per-epoch sample grids).
+The pictures a run shows, drawn with PIL: captioned image grids (rows of images with a label above each row, a
+caption under each image and optional column-group headers: sample.py's comparisons, train.py's evaluation grids)
+and the reward curve of a run (train batch mean +- std, evaluation sets, per component and per category).
 """
 from __future__ import annotations
 
@@ -93,3 +94,95 @@ def make_grid(images, ncols: int, captions: list[str] | None = None, row_labels:
             for k, line in enumerate(cap_lines[i]):
                 draw.text((xs[c], y + label_h + ch + 2 + k * line_h), line, fill=(60, 60, 60), font=font)
     return grid
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the reward curve of a run
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """About n round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
+    raw = (hi - lo) / n or abs(hi) or 1.0
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    first, last = math.floor(lo / step), math.ceil(hi / step)
+    if first == last:   # a flat curve: one step either side
+        first, last = first - 1, last + 1
+    return [k * step for k in range(first, last + 1)]
+
+
+def _panel(d: ImageDraw.ImageDraw, box: tuple, series: list, title: str, font) -> None:
+    """One plot in box (x0, y0, x1, y1): series of (label, rgb, [(epoch, value)], [(epoch, lo, hi)] or None)."""
+    L, T, R, B = box[0] + 60, box[1] + 24, box[2] - 10, box[3] - 36
+    pts = [(e, v) for _, _, line, band in series for e, v in line + [(e, x) for e, lo, hi in band or [] for x in (lo, hi)]
+           if math.isfinite(v)]
+    d.text((L, box[1] + 6), title, fill="black", font=font)
+    if not pts:
+        return
+    ticks = nice_ticks(min(v for _, v in pts), max(v for _, v in pts))
+    x0, x1 = min(e for e, _ in pts), max(max(e for e, _ in pts), min(e for e, _ in pts) + 1)
+    y0, y1 = ticks[0], ticks[-1]
+
+    def px(e, v):
+        return L + (e - x0) / (x1 - x0) * (R - L), T + (y1 - v) / (y1 - y0) * (B - T)
+
+    digits = max(0, -math.floor(math.log10(ticks[1] - ticks[0]))) if len(ticks) > 1 else 2
+    for v in ticks:
+        y = px(x0, v)[1]
+        d.line([(L, y), (R, y)], fill=(225, 225, 225))
+        d.text((box[0] + 4, y - 6), f"{v:.{digits}f}", fill="black", font=font)
+    for e in nice_ticks(x0, x1, 8):
+        if x0 <= e <= x1 and e == int(e):
+            x = px(e, y0)[0]
+            d.line([(x, B), (x, B + 4)], fill="black")
+            d.text((x - 4, B + 8), str(int(e)), fill="black", font=font)
+    d.text(((L + R) // 2 - 15, B + 20), "epoch", fill="black", font=font)
+    legend_x = L + 8
+    for label, rgb, line, band in series:
+        line = [(e, v) for e, v in line if math.isfinite(v)]
+        band = [(e, lo, hi) for e, lo, hi in band or [] if math.isfinite(lo) and math.isfinite(hi)]
+        if len(band) > 1:
+            pale = tuple(int(c + (255 - c) * 0.75) for c in rgb)
+            d.polygon([px(e, hi) for e, _, hi in band] + [px(e, lo) for e, lo, _ in reversed(band)], fill=pale)
+        if len(line) > 1:
+            d.line([px(e, v) for e, v in line], fill=rgb, width=2)
+        for e, v in line:
+            x, y = px(e, v)
+            d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=rgb)
+        if line:
+            d.rectangle([legend_x, T + 6, legend_x + 10, T + 14], fill=rgb)
+            d.text((legend_x + 14, T + 4), label, fill="black", font=font)
+            legend_x += 20 + int(d.textlength(label, font=font))
+    d.rectangle([L, T, R, B], outline="black")
+
+
+CATEGORY_COLOURS = [(30, 90, 200), (230, 120, 20), (40, 150, 60), (200, 40, 40), (130, 80, 180), (120, 120, 120)]
+
+
+def draw_reward_curve(history: list[dict], title: str) -> Image.Image:
+    """The run's reward curves, drawn with PIL: training reward mean +- std, the evaluation sets' means and, when
+    the reward reports categories (the shapes reward), one panel per evaluation set with a line per category."""
+    def line(key):
+        return [(r["epoch"], r[key]) for r in history if r.get(key) is not None]
+
+    train = [(r["epoch"], r["reward_mean"] - r["reward_std"], r["reward_mean"] + r["reward_std"])
+             for r in history if r.get("reward_mean") is not None and r.get("reward_std") is not None]
+    main = [("train batch (mean +- std)", CATEGORY_COLOURS[0], line("reward_mean"), train),
+            ("eval prompts, fixed seeds", CATEGORY_COLOURS[1], line("eval_reward_mean"), None),
+            ("held-out prompts, fixed seeds", CATEGORY_COLOURS[2], line("heldout_reward_mean"), None)]
+    components = sorted({k[len("reward_"):-len("_mean")] for r in history for k in r
+                         if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean"})
+    main += [(f"component {c}", CATEGORY_COLOURS[3 + i % 3], line(f"reward_{c}_mean"), None)
+             for i, c in enumerate(components)]
+    panels = [(title, main)]
+    for prefix, name in (("eval_reward", "eval prompts"), ("heldout_reward", "held-out prompts")):
+        cats = [c for c in ("single", "count", "two", "relation") if line(f"{prefix}_{c}")]
+        if cats:
+            panels.append((f"{name} by category", [(c, CATEGORY_COLOURS[i], line(f"{prefix}_{c}"), None)
+                                                   for i, c in enumerate(cats)]))
+    W, H = 900, 420
+    img = Image.new("RGB", (W, H * len(panels)), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for i, (t, series) in enumerate(panels):
+        _panel(d, (0, i * H, W, (i + 1) * H), series, t, font)
+    return img

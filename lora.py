@@ -18,6 +18,7 @@ Public API
     lora_parameters(model) -> list[Parameter]       the adapter parameters (A then B, module order)
     lora_state_dict(model, prefix="unet.") -> dict  "<prefix><path>.lora_A.weight" / ".lora_B.weight"
     save_lora(path, model, metadata=None)           safetensors + {"format": "nanoddpo-lora", rank, alpha, targets}
+    save_diffusers_lora(folder, model) -> path      pytorch_lora_weights.safetensors for diffusers/peft, scale in B
     load_lora(model, path, prefix="unet.") -> dict  adds adapters if missing, copies A/B, returns the metadata
     merged(model)      context manager: W <- W + scale B A for fast inference; original W restored bit-exactly
     disabled(model)    context manager: adapters off (the base / reference policy)
@@ -176,6 +177,23 @@ def save_lora(path, model: nn.Module, metadata: dict | None = None, prefix: str 
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model, prefix).items()}
     save_file(tensors, str(path), metadata=meta)
+
+
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"   # what pipe.load_lora_weights(folder) looks for
+
+
+def save_diffusers_lora(folder, model: nn.Module, prefix: str = "unet.") -> Path:
+    """folder/pytorch_lora_weights.safetensors in the layout diffusers' pipe.load_lora_weights(folder) and
+    unet.load_lora_adapter(...) read (PEFT keys, "unet." prefix). diffusers builds its PEFT adapters with
+    lora_alpha = rank, i.e. scale 1, whatever alpha we trained with; so the scale alpha / r is folded into B here
+    (B' = (alpha / r) B, the same product B' A), and the file loads at exactly our strength."""
+    path = Path(folder) / DIFFUSERS_LORA_NAME
+    tensors = {}
+    for name, m in _lora_modules(model):
+        tensors[f"{prefix}{name}.lora_A.weight"] = m.lora_A.weight.detach().float().contiguous().cpu()
+        tensors[f"{prefix}{name}.lora_B.weight"] = (m.lora_B.weight.detach().float() * m.scale).contiguous().cpu()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
 
 
 def load_lora(model: nn.Module, path, prefix: str = "unet.") -> dict:

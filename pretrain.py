@@ -37,6 +37,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import shapes
+from cli import ArgumentParser
 from scheduler import DDIMScheduler, SchedulerConfig, denoising_loss
 from unet import UNet2DConditionModel, UNetConfig
 from vae import AutoencoderKL, VAEConfig
@@ -55,8 +56,7 @@ ARCH = dict(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="pretrain.py", description=__doc__.split("\n\n")[0].strip())
     p.add_argument("--out", default="runs/pretrain-shapes", help="work directory (state.pt, log.jsonl, samples)")
     p.add_argument("--export", default="models/shapes", help="where the finished diffusers folder is written")
     p.add_argument("--resume", action="store_true", help="continue from --out/state.pt with the run's saved flags")

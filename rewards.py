@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import hub
 import rewards_http
 from reward_base import (Reward, RewardWarning, drop_nonfinite, finite_mask, prompt_groups,  # noqa: F401 (re-exported)
                          quantize, to_uint8)
@@ -92,20 +93,25 @@ def _how_to_pass(option: str, value: str = "PATH") -> str:
 
 
 def _hub_file(repo: str, filename: str, option: str) -> str:
+    """The file from the hub (or its cache); an unreachable hub is not retried: the cache, or a one-line error."""
     from huggingface_hub import hf_hub_download
+    why = hub.unreachable()
     try:
-        return hf_hub_download(repo, filename)
+        return hf_hub_download(repo, filename, local_files_only=why is not None)
     except Exception as e:
-        raise FileNotFoundError(f"rewards.py: could not get {filename} from the hub repo {repo} "
-                                f"({type(e).__name__}); download it and pass {_how_to_pass(option)}") from e
+        reason = f"not in the hub cache, and the hub is unreachable: {why}" if why else type(e).__name__
+        raise FileNotFoundError(f"rewards.py: could not get {filename} from the hub repo {repo} ({reason}); "
+                                f"download it and pass {_how_to_pass(option)}") from None
 
 
 def _from_pretrained(cls, path: str, option: str):
+    why = None if os.path.isdir(path) else hub.unreachable()
     try:
-        return cls.from_pretrained(path)
+        return cls.from_pretrained(path, local_files_only=why is not None)
     except OSError as e:
-        raise FileNotFoundError(f"rewards.py: cannot load {cls.__name__} from {path!r} ({e.__class__.__name__}); "
-                                f"pass {_how_to_pass(option)}, PATH a local folder or hub id") from e
+        reason = f"not in the hub cache, and the hub is unreachable: {why}" if why else e.__class__.__name__
+        raise FileNotFoundError(f"rewards.py: cannot load {cls.__name__} from {path!r} ({reason}); "
+                                f"pass {_how_to_pass(option)}, PATH a local folder or hub id") from None
 
 
 def _torch_load(path: str, option: str):

@@ -25,27 +25,21 @@ import torch
 from tqdm import tqdm
 
 import lora
+from cli import DTYPES, PROMPT_SETS, ArgumentParser, fail, load_prompts
 from grid import make_grid
 from rewards import build_reward, options_from_flags, parse_spec, reward_help
 from scheduler import DDIMScheduler, SchedulerConfig, rollout
 from weights import DEFAULT_MODEL, load_finetuned, load_pipeline
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_PROMPTS = ["a photo of a cat", "a watercolor painting of a lighthouse at dawn"]
 
 # -----------------------------------------------------------------------------------------------------------
 # sampling
 
 
-def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
-    out = list(prompts or [])
-    if prompts_file:
-        path = Path(prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"--prompts {path}: no such file; pass a text file with one prompt per line")
-        out += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
-        if not out:
-            raise ValueError(f"--prompts {path}: no prompts in it (one per line; blank and # lines are skipped)")
+def read_prompts(prompts: list[str] | None, prompt_set: str | None) -> list[str]:
+    """The --prompt ones, then --prompts NAME (a built-in set or a file, read as train.py reads it)."""
+    out = list(prompts or []) + (load_prompts(prompt_set) if prompt_set else [])
     return out or list(DEFAULT_PROMPTS)
 
 
@@ -87,23 +81,16 @@ def apply_run_settings(args: argparse.Namespace) -> None:
             setattr(args, name, run.get(name, default))
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows the defaults (where there is one) and keeps the reward table's line breaks."""
-
-    def _get_help_string(self, action):
-        unset = action.default is None or action.default is False or action.default in ([], "")  # 0 is a default
-        return action.help if unset else super()._get_help_string(action)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sample.py", description="Sample a captioned image grid from SD (base or DDPO "
-                                "fine-tuned).", epilog=reward_help(), formatter_class=HelpFormatter)
+    p = ArgumentParser(prog="sample.py", description="Sample a captioned image grid from SD (base or DDPO fine-tuned).",
+                       epilog=reward_help())
     p.add_argument("--model", help="hub id, diffusers folder, .safetensors/.ckpt file, 'shapes' (our pretrained toy) or "
                    f"'tiny' (random); default: the --finetuned run's model, else {DEFAULT_MODEL}")
     p.add_argument("--prompt", action="append",
                    help="a prompt (repeat the flag for several); default: two built-in prompts")
-    p.add_argument("--prompts", metavar="FILE",
-                   help="text file with one prompt per line (added after the --prompt ones)")
+    p.add_argument("--prompts", metavar="NAME",
+                   help=f"a built-in set ({', '.join(PROMPT_SETS)}) or a text file, one prompt per line ('#' lines "
+                   "skipped), added after the --prompt ones")
     p.add_argument("--n", type=int, default=4, help="images per prompt (grid columns)")
     p.add_argument("--seed", type=int, default=0, help="column j uses seed SEED+j, for every prompt and model")
     # these five default to the --finetuned run's own settings (its config.json), so its policy is what is sampled
@@ -134,20 +121,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clip-path", help="CLIP ViT-L/14 folder or hub id for aesthetic/diversity")
     p.add_argument("--out", default="samples.png", help="output PNG path for the grid")
     args = p.parse_args(argv)
-    def fail(message: str):   # one line, not argparse's usage block
-        p.exit(2, f"sample.py: error: {message}\n")
-
     try:
         apply_run_settings(args)
     except ValueError as e:
-        fail(str(e))
+        p.error(str(e))
     for name in ("n", "steps", "batch_size"):
         if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.eta <= 1.0:
-        fail(f"--eta must be in [0, 1], got {args.eta}")
+        p.error(f"--eta must be in [0, 1], got {args.eta}")
     if args.compare and not args.finetuned:
-        fail("--compare needs --finetuned CKPT (the model to compare the base with)")
+        p.error("--compare needs --finetuned CKPT (the model to compare the base with)")
     return args
 
 
@@ -170,7 +154,7 @@ def main(argv=None) -> dict:
         pipe = load_pipeline(args.model, device, dtype, prediction_type=args.prediction_type)
         reward = build_reward(args.reward, device=device, **reward_options) if args.reward else None
     except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise SystemExit(f"sample.py: error: {e}") from None
+        fail("sample.py", str(e))
     scheduler = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), args.steps, device)
 
     variants = [("base", None), ("fine-tuned", args.finetuned)] if args.compare else \
@@ -182,7 +166,7 @@ def main(argv=None) -> dict:
             try:
                 load_finetuned(pipe, ckpt)
             except (ValueError, FileNotFoundError, RuntimeError) as e:
-                raise SystemExit(f"sample.py: error: {e}") from None
+                fail("sample.py", str(e))
         images = generate(pipe, scheduler, [p for p, _ in jobs], [s for _, s in jobs],
                           negative_prompt=args.negative_prompt, guidance=args.guidance, eta=args.eta,
                           size=args.size, batch_size=args.batch_size, desc=label)

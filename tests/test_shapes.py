@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+import cli
 import rewards
 import shapes
-import train
 
 
 def test_grammar_round_trips_and_rejects_other_text():
@@ -45,7 +45,7 @@ def test_held_out_combinations_never_reach_training():
     assert set(sets["shapes"]) | set(sets["shapes-hard"]) <= train_split and set(sets["shapes-heldout"]) <= held
     for name, prompts in sets.items():   # the shipped prompt files are what the code generates
         assert (shapes.PROMPT_DIR / f"{name}.txt").read_text().split("\n")[:-1] == prompts
-        assert train.load_prompts(name) == prompts
+        assert cli.load_prompts(name) == prompts
 
 
 def _wrong(spec: shapes.Spec) -> dict[str, str]:

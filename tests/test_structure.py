@@ -6,7 +6,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
 SCRIPTS = {"train", "sample", "pretrain", "bench", "ablations", "gpu_check"}
-BOTTOM = {"unet", "vae", "scheduler", "lora", "grid", "shapes", "reward_base"}
+BOTTOM = {"unet", "vae", "scheduler", "lora", "grid", "shapes", "reward_base", "hub"}
 
 
 def imports(name: str) -> set[str]:

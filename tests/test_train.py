@@ -15,9 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli
+import grid
+import lora
 import train
 import weights
 from lora import load_lora
+from run import cpu_warning, latest_checkpoint, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # small and fast, yet every part of an epoch runs: 4 samples x 4 steps, per-prompt advantages, one optimizer step
@@ -89,6 +93,9 @@ def test_run_directory(lora_runs):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["initial_eval_reward_mean"] == row["eval_reward_mean"] and summary["final_eval_reward_mean"] < 0
     assert (run / "export" / "lora.safetensors").is_file()
+    # diffusers' copy: the same adapter, the scale alpha / rank folded into B (tests/test_lora.py loads it)
+    ours, theirs = load_file(run / "export" / "lora.safetensors"), load_file(run / "export" / lora.DIFFUSERS_LORA_NAME)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)  # alpha = rank here
     assert not list(run.rglob("*.tmp-*")), "temporary files left behind"
 
 
@@ -165,6 +172,34 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_wandb_offline_run_killed_and_resumed_continues_the_same_wandb_run(tmp_path):
+    """--wandb with WANDB_MODE=offline (no account, no network): a run is killed after its first checkpoint, and its
+    --resume logs to the same wandb run (the id wandb made is kept in every checkpoint). wandb 0.31 removed
+    wandb.util.generate_id, which train.py used to call: the id now comes from wandb.init itself."""
+    pytest.importorskip("wandb")
+    run = tmp_path / "w"
+    flags = [*FAST, "--epochs", "3", "--save-every", "1", "--wandb", "nanoddpo-test", "--out", str(run)]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *flags], cwd=ROOT, text=True,
+                            env={**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (run / "checkpoints" / "epoch_0001").is_dir():
+        assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, "no checkpoint within 240 s"
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate()
+    first_id = json.loads((run / "checkpoints" / "epoch_0001" / "state.json").read_text())["wandb_id"]
+    assert isinstance(first_id, str) and first_id
+    resumed = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(run)], cwd=ROOT, text=True,
+                             env={**env(), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}, capture_output=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "checkpoints" / "epoch_0003" / "state.json").read_text())["wandb_id"] == first_id
+    offline = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(name.endswith(f"-{first_id}") for name in offline), offline
+
+
 def test_fp16_loss_scaling_resumes_exactly(tmp_path):
     """--precision fp16 trains with a GradScaler (CPU autocast has fp16): its state is in state.pt (weights_only
     loadable) and restored by --resume, so 1 epoch + resume to 2 equals 2 epochs (the growth counter counts both)."""
@@ -215,7 +250,7 @@ def test_cli_errors(tmp_path):
     # a run directory stopped before its first checkpoint
     run = tmp_path / "early"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps(vars(train.parse_args([*FAST, "--out", str(run)]))))
+    (run / "config.json").write_text(json.dumps(vars(parse_args([*FAST, "--out", str(run)]))))
     assert "no checkpoint" in cli_error(["--resume", str(run)])
     assert "--lr cannot change in a resumed run" in cli_error(["--resume", str(run), "--lr", "1"])
     assert "already holds a run" in cli_error([*FAST, "--out", str(run)])
@@ -236,9 +271,9 @@ def test_cli_error_is_one_line_on_stderr(tmp_path):
 
 
 def test_prompt_sets_and_epoch_plan():
-    animals = train.load_prompts("imagenet_animals")
+    animals = cli.load_prompts("imagenet_animals")
     assert len(animals) == 398 and animals[0] == "tench" and animals[-1] == "puffer"
-    assert len(train.load_prompts("simple_animals")) == 45
+    assert len(cli.load_prompts("simple_animals")) == 45
     plan = train.epoch_prompts(animals, 12, 4, seed=1, epoch=5)
     assert len(plan) == 12 and all(len(set(plan[i:i + 4])) == 1 for i in range(0, 12, 4))  # groups are contiguous
     assert plan == train.epoch_prompts(animals, 12, 4, seed=1, epoch=5) != train.epoch_prompts(animals, 12, 4, 1, 6)
@@ -250,7 +285,7 @@ def test_reward_curve(tmp_path):
     history = [{"epoch": e, "reward_mean": -3 + 0.1 * e, "reward_std": 0.05} for e in range(5)]
     history[0]["eval_reward_mean"] = -3.1
     history[4]["eval_reward_mean"] = -2.5
-    train.draw_reward_curve(history, str(tmp_path / "c.png"), "test")
+    grid.draw_reward_curve(history, "test").save(tmp_path / "c.png")
     from PIL import Image
     img = Image.open(tmp_path / "c.png")
     assert img.size == (900, 420)   # one panel: no categories
@@ -260,11 +295,11 @@ def test_reward_curve(tmp_path):
     # a reward with categories (shapes) adds a panel per evaluation set; held-out points are green
     for r in history:
         r.update(eval_reward_single=0.9, eval_reward_count=0.3, heldout_reward_mean=0.4, heldout_reward_two=0.5)
-    train.draw_reward_curve(history, str(tmp_path / "c.png"), "test")
+    grid.draw_reward_curve(history, "test").save(tmp_path / "c.png")
     img = Image.open(tmp_path / "c.png")
     assert img.size == (900, 3 * 420) and (40, 150, 60) in {c for _, c in img.getcolors(1 << 20)}
     for lo, hi in ((0.13, 0.87), (-3.62, -2.89), (0.0, 1e-3), (5.0, 5.0)):
-        ticks = train.nice_ticks(lo, hi)
+        ticks = grid.nice_ticks(lo, hi)
         steps = {round(b - a, 12) for a, b in zip(ticks, ticks[1:])}
         assert ticks[0] <= lo and ticks[-1] >= hi and len(steps) == 1 and 3 <= len(ticks) <= 12, (lo, hi, ticks)
         assert f"{steps.pop():.0e}"[0] in "125"   # a round step: 1, 2 or 5 times a power of ten
@@ -291,7 +326,7 @@ def test_tiny_model_learns_jpeg_compressibility(tmp_path):
 def test_latest_checkpoint_is_by_epoch_number_and_grid_size_zero_runs(tmp_path):
     for name in ("epoch_9999", "epoch_10000", "epoch_0005.tmp-123"):  # :04d names stop sorting as strings at 10000
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
-    assert train.latest_checkpoint(str(tmp_path)).endswith("epoch_10000")
+    assert latest_checkpoint(str(tmp_path)).endswith("epoch_10000")
     run = tmp_path / "nogrid"  # evaluation with no grid images: scores only, no sample grid
     finish(start(*FAST, "--epochs", "3", "--eval-every", "1", "--sample-every", "1", "--eval-size", "2",
                  "--grid-size", "0", "--save-every", "1", "--keep-checkpoints", "2", "--out", str(run),
@@ -323,8 +358,8 @@ def test_unreachable_reward_stops_in_one_line_with_strict_json(tmp_path):
 
 
 def test_cpu_warning_for_sd_sized_models_only():
-    msg = train.cpu_warning(torch.device("cpu"), 859_520_964)   # SD 1.5's UNet
+    msg = cpu_warning(torch.device("cpu"), 859_520_964)   # SD 1.5's UNet
     assert msg.startswith("warning: training a 860M-parameter UNet on the CPU (") and "--model shapes" in msg
     assert "\n" not in msg
-    assert train.cpu_warning(torch.device("cpu"), 1_700_000) is None      # the shapes model
-    assert train.cpu_warning(torch.device("cuda"), 859_520_964) is None
+    assert cpu_warning(torch.device("cpu"), 1_700_000) is None      # the shapes model
+    assert cpu_warning(torch.device("cuda"), 859_520_964) is None

@@ -198,6 +198,7 @@ def test_fp16_variant_selection(built, tmp_path, monkeypatch):
     save_file({k: v.half() for k, v in load_file(full).items()}, full.with_suffix(".fp16.safetensors"))
     listing = [str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()]
     calls, read = [], []
+    monkeypatch.setattr(weights.hub, "unreachable", lambda: None)   # a hub that answers (conftest: offline)
     monkeypatch.setattr(weights.huggingface_hub, "list_repo_files", lambda repo: listing)
     monkeypatch.setattr(weights.huggingface_hub, "snapshot_download",
                         lambda repo, allow_patterns=None, **kw: calls.append(allow_patterns) or str(local))
@@ -220,6 +221,48 @@ def test_hub_offline_error(monkeypatch, tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(weights.SD21_BASE_MODEL)
     assert "HF_HUB_OFFLINE=1" in msg and "hf download" in msg and "local diffusers folder" in msg
+
+
+@pytest.fixture
+def hub_down(monkeypatch, tmp_path):
+    """A machine without network and without HF_HUB_OFFLINE: connections fail, the hub cache is empty, and any call
+    that would go to the hub anyway (and retry for ~30 s) fails the test."""
+    import huggingface_hub
+    import hub
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+
+    def refuse(*a, **k):
+        raise OSError(101, "Network is unreachable")
+    monkeypatch.setattr(hub.socket, "create_connection", refuse)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda *a, **k: pytest.fail("the hub was asked"))
+    hub.unreachable.cache_clear()
+    yield
+    hub.unreachable.cache_clear()
+
+
+def test_unreachable_hub_fails_fast_with_one_line(hub_down, monkeypatch):
+    """No network: one connection attempt, then the cache, then one line (before: five retries over ~30 s)."""
+    import huggingface_hub
+    import rewards
+    with pytest.raises(RuntimeError) as e:
+        weights.load_pipeline("someone/some-model")
+    msg = str(e.value)
+    assert "\n" not in msg and "Hub is unreachable (cannot connect to huggingface.co: Network is unreachable)" in msg
+    calls = []
+
+    def download(repo, filename, **kw):
+        calls.append(kw)
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    with pytest.raises(FileNotFoundError) as e:
+        rewards.build_reward("hps")
+    assert calls == [{"local_files_only": True}]   # the cache only: no retries against a dead network
+    msg = str(e.value)
+    assert "\n" not in msg and "the hub is unreachable: cannot connect to huggingface.co" in msg
+    assert "--hps-checkpoint PATH" in msg
 
 
 def test_bad_inputs(sources, tmp_path):
