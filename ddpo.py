@@ -63,8 +63,7 @@ def _to_numpy(rewards) -> np.ndarray:
     if isinstance(rewards, torch.Tensor):
         rewards = rewards.detach().double().cpu().numpy()
     r = np.asarray(rewards, dtype=np.float64)
-    if r.ndim != 1:
-        raise ValueError(f"ddpo.py: rewards must be 1-D (B,), got shape {r.shape}")
+    assert r.ndim == 1, f"rewards must be 1-D (B,), got shape {r.shape}"
     return r
 
 
@@ -79,17 +78,14 @@ class PerPromptStatTracker:
     population std (+1e-6), or by the whole current batch's when the buffer holds fewer than `min_count`."""
 
     def __init__(self, buffer_size: int = 16, min_count: int = 16):
-        if buffer_size < 1 or min_count < 1:
-            raise ValueError(f"ddpo.py: PerPromptStatTracker needs buffer_size >= 1 and min_count >= 1, "
-                             f"got {buffer_size}, {min_count}")
+        assert buffer_size >= 1 and min_count >= 1, (buffer_size, min_count)
         self.buffer_size, self.min_count = int(buffer_size), int(min_count)
         self.stats: dict[str, deque] = {}
 
     def update(self, prompts: Sequence[str], rewards) -> torch.Tensor:
         """prompts: B strings, rewards: (B,) -> advantages (B,) float32 (on the rewards' device)."""
         r = _to_numpy(rewards)
-        if len(prompts) != len(r):
-            raise ValueError(f"ddpo.py: {len(prompts)} prompts for {len(r)} rewards")
+        assert len(prompts) == len(r), f"{len(prompts)} prompts for {len(r)} rewards"
         valid = np.isfinite(r)
         adv = np.zeros_like(r)
         if valid.any():
@@ -125,11 +121,9 @@ class PerPromptStatTracker:
 def _group_index(group_ids, n: int, device) -> torch.Tensor:
     if isinstance(group_ids, torch.Tensor):
         ids = group_ids.to(device=device).long()
-        if ids.shape != (n,):
-            raise ValueError(f"ddpo.py: group_ids must have shape ({n},), got {tuple(ids.shape)}")
+        assert ids.shape == (n,), f"group_ids must have shape ({n},), got {tuple(ids.shape)}"
         return torch.unique(ids, return_inverse=True)[1]
-    if len(group_ids) != n:
-        raise ValueError(f"ddpo.py: {len(group_ids)} group ids for {n} rewards")
+    assert len(group_ids) == n, f"{len(group_ids)} group ids for {n} rewards"
     index: dict[Hashable, int] = {}
     return torch.tensor([index.setdefault(g, len(index)) for g in group_ids], device=device, dtype=torch.long)
 
@@ -140,8 +134,7 @@ def group_advantages(rewards: torch.Tensor, group_ids, *, global_std: bool = Fal
     epoch); with global_std the std is the whole batch's (Flow-GRPO). Population std. group_ids: (B,) int tensor or
     a list of hashables (e.g. prompts). NaN/inf rewards get 0 and do not enter any statistic."""
     r = torch.as_tensor(rewards).detach().double()
-    if r.ndim != 1:
-        raise ValueError(f"ddpo.py: rewards must be 1-D (B,), got shape {tuple(r.shape)}")
+    assert r.ndim == 1, f"rewards must be 1-D (B,), got shape {tuple(r.shape)}"
     idx = _group_index(group_ids, r.shape[0], r.device)
     valid = torch.isfinite(r)
     rz = torch.where(valid, r, 0.0)
@@ -229,32 +222,23 @@ class UpdateConfig:
 
 def _check(samples: Samples, cfg: UpdateConfig, cond_embeds, uncond_embeds, reference, params) -> None:
     lat, lp, ts, adv = samples.latents, samples.log_probs, samples.timesteps, samples.advantages
-    if lp.ndim != 2 or lat.ndim != 5 or lat.shape[:2] != (lp.shape[0], lp.shape[1] + 1):
-        raise ValueError(f"ddpo.py: samples need latents (B,N+1,C,h,w) and log_probs (B,N), got "
-                         f"{tuple(lat.shape)} and {tuple(lp.shape)}")
+    assert lp.ndim == 2 and lat.ndim == 5 and lat.shape[:2] == (lp.shape[0], lp.shape[1] + 1), \
+        f"samples need latents (B,N+1,C,h,w) and log_probs (B,N), got {tuple(lat.shape)} and {tuple(lp.shape)}"
     b = lp.shape[0]
-    if ts.shape != lp.shape or adv.shape != (b,):
-        raise ValueError(f"ddpo.py: samples need timesteps {tuple(lp.shape)} and advantages ({b},), got "
-                         f"{tuple(ts.shape)} and {tuple(adv.shape)}")
-    if samples.valid is not None and samples.valid.shape != (b,):
-        raise ValueError(f"ddpo.py: samples.valid must have shape ({b},), got {tuple(samples.valid.shape)}")
-    if lat.dtype != torch.float32 or lp.dtype != torch.float32:
-        raise ValueError("ddpo.py: store latents and log_probs in fp32 (low-precision latents shift the "
-                         "re-scored log-probs by about the clip range)")
-    if cond_embeds.shape[0] != b or uncond_embeds.shape[0] not in (1, b):
-        raise ValueError(f"ddpo.py: cond_embeds must be (B={b},77,D) and uncond_embeds (1 or B,77,D), got "
-                         f"{tuple(cond_embeds.shape)} and {tuple(uncond_embeds.shape)}")
-    if cfg.loss not in ("ppo", "sf"):
-        raise ValueError(f"ddpo.py: UpdateConfig.loss must be 'ppo' or 'sf', got '{cfg.loss}'")
-    if cfg.loss == "sf" and (cfg.optimizer_steps_per_epoch != 1 or cfg.num_inner_epochs != 1):
-        raise ValueError("ddpo.py: loss='sf' is on-policy; set optimizer_steps_per_epoch=1 and num_inner_epochs=1")
-    if cfg.kl_coef > 0 and reference is None:
-        raise ValueError("ddpo.py: kl_coef > 0 needs a reference policy (ddpo.reference_policy(unet))")
-    if not 0 < cfg.timestep_fraction <= 1 or cfg.micro_batch < 1 or cfg.num_inner_epochs < 1:
-        raise ValueError("ddpo.py: need 0 < timestep_fraction <= 1, micro_batch >= 1, num_inner_epochs >= 1")
-    if any(p.dtype != torch.float32 for p in params):
-        raise ValueError("ddpo.py: trainable parameters must be fp32 (master weights); use autocast_dtype for "
-                         "bf16/fp16 compute")
+    assert ts.shape == lp.shape and adv.shape == (b,), \
+        f"timesteps {tuple(ts.shape)} and advantages {tuple(adv.shape)} for log_probs {tuple(lp.shape)}"
+    assert samples.valid is None or samples.valid.shape == (b,), tuple(samples.valid.shape)
+    # fp32 latents and log-probs: low-precision latents shift the re-scored log-probs by about the clip range
+    assert lat.dtype == torch.float32 and lp.dtype == torch.float32, (lat.dtype, lp.dtype)
+    assert cond_embeds.shape[0] == b and uncond_embeds.shape[0] in (1, b), \
+        (tuple(cond_embeds.shape), tuple(uncond_embeds.shape))
+    assert cfg.loss in ("ppo", "sf"), cfg.loss
+    assert cfg.loss != "sf" or (cfg.optimizer_steps_per_epoch == 1 and cfg.num_inner_epochs == 1), \
+        "loss='sf' is on-policy: one optimizer step per epoch, one inner epoch"
+    assert cfg.kl_coef == 0 or reference is not None, "kl_coef > 0 needs a reference policy (reference_policy(unet))"
+    assert 0 < cfg.timestep_fraction <= 1 and cfg.micro_batch >= 1 and cfg.num_inner_epochs >= 1, cfg
+    assert all(p.dtype == torch.float32 for p in params), "trainable parameters are fp32 master weights; " \
+        "use autocast_dtype for bf16/fp16 compute"
 
 
 _ITEM_METRICS = ("loss", "approx_kl", "clipfrac", "clipfrac_gt_one", "clipfrac_lt_one", "ratio_mean", "kl")
@@ -297,10 +281,8 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     n_train = n - 1 if cfg.skip_last_step else n
     t_per_sample = int(n_train * cfg.timestep_fraction)
     n_items = b * t_per_sample
-    if t_per_sample < 1 or cfg.optimizer_steps_per_epoch < 1 or cfg.optimizer_steps_per_epoch > n_items:
-        raise ValueError(f"ddpo.py: {b} samples x {t_per_sample} trained steps = {n_items} items cannot make "
-                         f"{cfg.optimizer_steps_per_epoch} optimizer steps; lower optimizer_steps_per_epoch or "
-                         "raise timestep_fraction")
+    assert t_per_sample >= 1 and 1 <= cfg.optimizer_steps_per_epoch <= n_items, \
+        f"{b} samples x {t_per_sample} steps = {n_items} items for {cfg.optimizer_steps_per_epoch} optimizer steps"
 
     adv = samples.advantages.to(dev).float()
     valid = torch.isfinite(adv)
@@ -317,6 +299,8 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     sums = torch.zeros(len(_ITEM_METRICS), device=dev)
     count, grad_norm_sum, first_dev = torch.zeros((), device=dev), torch.zeros((), device=dev), None
     skipped = torch.zeros((), device=dev)
+    # no loss scaling (fp32/bf16) is the same code path with a disabled scaler: scale, unscale_ and update are no-ops
+    scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(dev.type, enabled=False)
     k_steps = cfg.optimizer_steps_per_epoch
     splits = [i * n_items // k_steps for i in range(k_steps + 1)]  # item ranges of the optimizer steps
     n_micro = sum(-(-(end - start) // cfg.micro_batch) for start, end in zip(splits, splits[1:]))
@@ -359,7 +343,7 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
                     kl = gaussian_kl(out.mean, ref_mean, out.std) if ref_mean is not None else torch.zeros_like(loss)
                     loss = torch.where(valid[s], loss + cfg.kl_coef * kl, 0.0)
                     step_loss = loss.sum() / (end - start)  # / items of this optimizer step
-                    (grad_scaler.scale(step_loss) if grad_scaler is not None else step_loss).backward()
+                    scaler.scale(step_loss).backward()
 
                 with torch.no_grad():
                     r, logr = ratio.detach(), out.log_prob.detach() - old
@@ -371,17 +355,13 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
                     sums += (per_item * valid[s]).sum(1)
                     count += valid[s].sum()
                 bar.update()
-            if grad_scaler is None:
-                grad_norm_sum += torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
-                optimizer.step()
-            else:
-                grad_scaler.unscale_(optimizer)  # clip (and log) the true gradient, not the scaled one
-                norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
-                finite = torch.isfinite(norm)  # the scaler's own test: inf/NaN in any gradient
-                grad_scaler.step(optimizer)  # skipped when not finite
-                grad_scaler.update()
-                grad_norm_sum += torch.where(finite, norm, 0.0)
-                skipped += ~finite
+            scaler.unscale_(optimizer)  # clip (and log) the true gradient, not the scaled one
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
+            scaler.step(optimizer)  # with loss scaling: skipped when a gradient is inf/NaN
+            scaler.update()
+            finite = torch.isfinite(norm) | (not scaler.is_enabled())  # the scaler's own test, when it is on
+            grad_norm_sum += torch.where(finite, norm, 0.0)
+            skipped += ~finite
             optimizer.zero_grad(set_to_none=True)
     bar.close()
 

@@ -50,8 +50,9 @@ def drop_nonfinite(scores: torch.Tensor, name: str = "reward") -> tuple[torch.Te
     bad = (~mask).nonzero().flatten().tolist()
     if not bad:
         return mask, None
-    return mask, (f"{name}: {len(bad)} of {len(mask)} images have a non-finite reward (indices {bad}); "
-                  f"they are dropped from this update")
+    which = f"all {len(mask)} images have" if len(bad) == len(mask) else \
+        f"{len(bad)} of {len(mask)} images (indices {bad}) have"
+    return mask, f"{name}: {which} a non-finite reward; they are dropped from this update"
 
 
 # -----------------------------------------------------------------------------

@@ -438,7 +438,7 @@ class WeightedSum(Reward):
                 details[name] = info
             warns += info.get("warnings", [])
             bad = (~finite_mask(s)).nonzero().flatten().tolist()
-            if bad:
+            if bad and len(self.parts) > 1:   # which part failed; with one part the total's message says it
                 warns.append(f"{name}: non-finite score for images {bad}")
         mask, message = drop_nonfinite(total, self.name)
         if message:

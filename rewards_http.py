@@ -62,7 +62,7 @@ def call_with_retries(fn, retries: int, backoff: float) -> tuple[object, str | N
             err = f"{type(e).__name__}: {e}"
         if attempt < retries:
             time.sleep(backoff * 2 ** attempt)
-    return None, f"{err} (after {retries + 1} attempts)"
+    return None, f"{err} (after {retries + 1} attempt{'s' if retries else ''})"
 
 
 # -----------------------------------------------------------------------------

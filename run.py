@@ -262,6 +262,7 @@ def validate(args: argparse.Namespace, world: int = 1) -> None:
          "--advantage group needs --group-size >= 2 (images per prompt)")
     need(not args.global_std or args.advantage == "group", "--global-std applies to --advantage group only")
     need(not args.same_noise_per_group or args.group_size >= 2, "--same-noise-per-group needs --group-size >= 2")
+    need(args.vae_chunk is None or args.vae_chunk >= 1, f"--vae-chunk must be >= 1, got {args.vae_chunk}")
     need(args.size is None or (args.size >= 8 and args.size % 8 == 0),
          f"--size must be a positive multiple of 8, got {args.size}")
     if args.wandb:
@@ -627,9 +628,11 @@ class Run:
                   f"({self.bad_epochs} of --max-bad-epochs {args.max_bad_epochs})")
         self.log(row)
         if self.bad_epochs >= args.max_bad_epochs:
+            last = latest_checkpoint(args.out)
+            then = f"the last checkpoint ({last}) is intact: continue with --resume {args.out}" if last else \
+                "no checkpoint was written yet: start the run again"
             raise SystemExit(f"train.py: error: {self.bad_epochs} epochs in a row without a usable reward: check the "
-                             f"reward ({args.reward}); the last checkpoint ({latest_checkpoint(args.out) or 'none yet'}) "
-                             f"is intact, continue with --resume {args.out}")
+                             f"reward ({args.reward}); {then}")
 
     def draw_curve(self, extra: list[dict] = ()) -> None:
         image = draw_reward_curve(self.history + list(extra), f"{self.args.reward} - {self.args.out}")

@@ -141,10 +141,8 @@ class DDIMScheduler:
 
         Draws x_{t'} = μ + σ·noise (noise from the global RNG if not given), or, if prev_sample is given, scores
         that x_{t'} instead (re-scoring a stored trajectory). Gradients flow through μ only."""
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"scheduler.step: eta must be in [0, 1], got {eta}")
-        if prev_sample is not None and noise is not None:
-            raise ValueError("scheduler.step: pass either prev_sample (to score it) or noise (to draw one), not both")
+        assert 0.0 <= eta <= 1.0, f"eta must be in [0, 1], got {eta}"
+        assert prev_sample is None or noise is None, "pass prev_sample (to score it) or noise (to draw one), not both"
         x, out = sample.float(), model_output.float()
         a_t, a_prev, sigma = self._coefficients(self._batch_t(t, x.shape[0]), eta)
         # μ = √ᾱ'·x̂0 + √(1−ᾱ'−σ²)·ε̂ is linear in (x_t, model output): μ = cx·x_t + co·out, with the coefficients
@@ -225,8 +223,7 @@ def rollout(unet: Callable, vae, scheduler: DDIMScheduler, cond: torch.Tensor, u
     needed); latents and log-probs are fp32. No grad, and no host sync inside the step loop: all noise is drawn up
     front."""
     B, device = cond.shape[0], cond.device
-    if len(seeds) != B:
-        raise ValueError(f"rollout: got {len(seeds)} seeds for a batch of {B} prompt embeddings; pass one seed per sample")
+    assert len(seeds) == B, f"{len(seeds)} seeds for a batch of {B}: one seed per sample"
     N = len(scheduler.timesteps)
     if latents is not None:
         shape = tuple(latents.shape[1:])
@@ -236,8 +233,7 @@ def rollout(unet: Callable, vae, scheduler: DDIMScheduler, cond: torch.Tensor, u
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         height = height or unet.config.sample_size * factor
         width = width or unet.config.sample_size * factor
-        if height % factor or width % factor:
-            raise ValueError(f"rollout: image size {height}x{width} must be a multiple of the VAE factor {factor}")
+        assert height % factor == 0 and width % factor == 0, f"size {height}x{width} is not a multiple of {factor}"
         shape = (vae.config.latent_channels, height // factor, width // factor)
     # x_T is drawn even when latents are given, so a seed's step noise never depends on that choice
     noise = draw_noise(seeds, shape, N if eta > 0 else 0).to(device)  # (B, 1+N or 1, C, h, w)

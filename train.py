@@ -31,6 +31,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ from cli import DTYPES, fail, load_prompts
 from ddpo import (PerPromptStatTracker, Samples, UpdateConfig, batch_advantages, ddpo_update, group_advantages,
                   reference_policy)
 from grid import make_grid
-from rewards import build_reward, options_from_flags, parse_spec
+from rewards import RewardWarning, build_reward, options_from_flags, parse_spec
 from run import (Run, category_means, cpu_warning, eval_sets, gather_cat, gather_objects, init_distributed,
                  mean_over_ranks, parse_args, resume_checkpoint, reward_categories, reward_stats, validate)
 from scheduler import DDIMScheduler, SchedulerConfig, rollout
@@ -135,16 +136,18 @@ def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts
     if the reward reports categories) and a grid samples/[name_]epoch_NNNN.png of its first --grid-size images."""
     args = run.args
     policy.unet.eval()
-    mine, rows = list(range(run.rank, len(prompts), run.world)), []
+    mine, rows, infos = list(range(run.rank, len(prompts), run.world)), [], []
     for b in range(0, len(mine), args.sample_batch_size):
         idx = mine[b:b + args.sample_batch_size]
         ps = [prompts[i] for i in idx]
         traj, _ = policy.generate(ps, [sample_seed(args.seed, -1, i) for i in idx])
         scores, info = reward_fn(traj.images, ps) if score else (torch.zeros(len(idx)), {})
         cats = reward_categories(info)
+        infos.append(info)
         for j, i in enumerate(idx):
             image = (traj.images[j] * 255).round().byte().cpu() if i < args.grid_size else None
             rows.append((i, float(scores[j]), {k: float(v[j]) for k, v in cats.items()}, image))
+    print_warnings(run, infos)
     rows = sorted((r for part in gather_objects(rows) for r in part), key=lambda r: r[0])
     out = {}
     if score:
@@ -159,6 +162,12 @@ def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts
                           captions=caps)
         run.save_image(os.path.join("samples", f"{'' if name == 'eval' else name + '_'}epoch_{epoch:04d}.png"), image)
     return out
+
+
+def print_warnings(run: Run, infos: list[dict]) -> None:
+    """A reward's warnings (info["warnings"]) of one epoch or evaluation, each distinct line once."""
+    for warning in dict.fromkeys(w for info in infos for w in info.get("warnings", [])):
+        tqdm.write(f"rank {run.rank}: {warning}", file=sys.stderr)
 
 
 def sync(device: torch.device) -> None:
@@ -196,10 +205,10 @@ def sample_epoch(policy: Policy, reward_fn, run: Run, executor, all_prompts: lis
         batches.append((cond, traj))
     sync(device)
     t1 = time.perf_counter()
-    results += [f.result() for f in tqdm(pending, desc=f"epoch {epoch} reward", disable=not run.master, leave=False)]
+    results += [f.result() for f in tqdm(pending, desc=f"epoch {epoch} reward", disable=not (run.master and pending),
+                                                 leave=False)]
     t_reward += time.perf_counter() - t1
-    for warning in dict.fromkeys(w for r in results for w in r[1].get("warnings", [])):  # each once
-        tqdm.write(f"rank {run.rank}: {warning}", file=sys.stderr)
+    print_warnings(run, [r[1] for r in results])
     return batches, results, {"time_rollout": t1 - t0 - (0.0 if executor else t_reward), "time_reward": t_reward}
 
 
@@ -244,6 +253,9 @@ def advantages_of(args: argparse.Namespace, tracker, all_prompts: list[str], rew
 
 def setup(argv: list[str] | None):
     """Every bad input (flags, prompt files, model, reward) fails here with one line, before any long work."""
+    # a reward's problems reach us in info["warnings"] and are printed once per batch as one line (print_warnings);
+    # the same text through warnings.warn would print again, with a source line
+    warnings.simplefilter("ignore", RewardWarning)
     try:
         args = parse_args(argv)
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group starts once inputs are checked

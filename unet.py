@@ -367,12 +367,10 @@ class UNet2DConditionModel(nn.Module):
         """sample (B,C,h,w) any h,w; timestep scalar or (B,); encoder_hidden_states (B,T,D) -> (B,C_out,h,w).
         sample and context are cast to the model's dtype (samplers keep fp32 latents for a bf16/fp16 UNet)."""
         cfg, B = self.config, sample.shape[0]
-        if sample.ndim != 4 or sample.shape[1] != cfg.in_channels:
-            raise ValueError(f"unet.py: sample must be (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}")
-        if encoder_hidden_states.shape[-1] != cfg.cross_attention_dim:
-            raise ValueError(f"unet.py: text context width {encoder_hidden_states.shape[-1]} != cross_attention_dim "
-                             f"{cfg.cross_attention_dim}; use the text encoder that matches this UNet "
-                             "(SD1: 768, SD2: 1024)")
+        assert sample.ndim == 4 and sample.shape[1] == cfg.in_channels, \
+            f"sample must be (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}"
+        assert encoder_hidden_states.shape[-1] == cfg.cross_attention_dim, \
+            f"text context width {encoder_hidden_states.shape[-1]} != cross_attention_dim {cfg.cross_attention_dim}"
         t = torch.as_tensor(timestep, device=sample.device)
         if t.numel() == 1:
             t = t.reshape(1).expand(B)

@@ -260,8 +260,7 @@ class AutoencoderKL(nn.Module):
     def decode_latents(self, latents: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """Scaled latents (what the UNet sees) -> float32 images in [0,1]. Decodes chunk_size samples at a
         time: the full-resolution activations of the last up blocks, not the weights, bound decode memory."""
-        if chunk_size is not None and chunk_size < 1:
-            raise ValueError(f"vae.py: chunk_size must be a positive int or None, got {chunk_size}")
+        assert chunk_size is None or chunk_size >= 1, f"chunk_size must be a positive int or None, got {chunk_size}"
         dtype = self.decoder.conv_in.weight.dtype   # latents usually arrive in fp32 from the sampler
         z = (latents / self.config.scaling_factor).to(dtype)
         chunks = z.split(chunk_size or len(z))

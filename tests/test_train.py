@@ -346,11 +346,16 @@ def test_unreachable_reward_stops_in_one_line_with_strict_json(tmp_path):
     flags = [a for a in FAST if a not in ("--reward", "jpeg-compressibility")]
     proc = start(*flags, "--reward", "remote", "--reward-option", f"remote_url=http://127.0.0.1:{port}/score",
                  "--reward-option", "http_retries=0", "--reward-option", "http_timeout=2", "--epochs", "6",
-                 "--max-bad-epochs", "2", "--no-async-reward", "--out", str(run), launcher=(sys.executable,))
+                 "--max-bad-epochs", "2", "--no-async-reward", "--eval-every", "1", "--eval-size", "2",
+                 "--out", str(run), launcher=(sys.executable,))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "Traceback" not in err, err[-3000:]
     last = err.strip().splitlines()[-1]
-    assert last.startswith("train.py: error: 2 epochs in a row without a usable reward") and "--resume" in last
+    assert last.startswith("train.py: error: 2 epochs in a row without a usable reward") and "start the run again" in last
+    # every message is one line of ours (no warnings.warn source lines), each distinct one once per batch
+    said = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+    assert all(line.startswith(("rank 0: remote: ", "warning: epoch ", "train.py: error: ")) for line in said), said
+    assert sum("failed: URLError" in line for line in said) == 4   # 2 epochs x (evaluation + rollout)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines]
     assert [r["epoch"] for r in rows] == [0, 1] and all(r["reward_mean"] is None for r in rows)

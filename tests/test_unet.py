@@ -266,9 +266,9 @@ def test_from_dict_rejects_unsupported_features(key, value):
 def test_bad_inputs_raise_clear_errors():
     _, ours = tiny_pair("conv-int-heads")
     x, ctx = inputs(ours.config, 2, 8, 8)
-    with pytest.raises(ValueError, match="cross_attention_dim"):
+    with pytest.raises(AssertionError, match="cross_attention_dim"):
         ours(x, 1, torch.randn(2, 7, 768))
-    with pytest.raises(ValueError, match="sample must be"):
+    with pytest.raises(AssertionError, match="sample must be"):
         ours(x[:, :3], 1, ctx)
     with pytest.raises(ValueError, match="timestep must be"):
         ours(x, torch.tensor([1, 2, 3]), ctx)
