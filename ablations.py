@@ -38,7 +38,8 @@ ROWS = {
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="ablations.py", description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="rows to run, in this order")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), metavar="ROW",
+                   help=f"rows to run, in this order: {', '.join(ROWS)}")
     p.add_argument("--epochs", type=int, default=8, help="epochs per row")
     p.add_argument("--out", default="runs/ablations", help="one run directory per row, table.md and table.json")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more train.py flags for every row")

@@ -50,7 +50,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="CPU run: the tiny model, then the SD 1.5 architecture at a small latent")
     p.add_argument("--model", default="sd15", choices=["sd15", "sd21-base", "tiny"], help="architecture (random weights)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="compute dtype (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--size", type=int, default=512, help="image size in pixels (latent = size/8)")
     p.add_argument("--batch", type=int, default=8, help="samples per rollout batch (the UNet sees 2x with CFG)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import textwrap
 
 import torch
 
@@ -39,6 +40,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def __init__(self, *a, **kw):
         kw.setdefault("formatter_class", HelpFormatter)
+        if kw.get("description"):   # kept verbatim (the raw formatter), so lines over 100 columns are wrapped here
+            kw["description"] = "\n".join(textwrap.fill(line, 100) for line in kw["description"].split("\n"))
         super().__init__(*a, **kw)
 
     def error(self, message: str):

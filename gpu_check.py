@@ -90,8 +90,8 @@ OPTIONAL_MODULES = {"scipy"}   # only the pretrain phase needs it
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    from cli import ArgumentParser   # one-line errors, the project's help style
+    p = ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0].strip(), epilog=__doc__)
     p.add_argument("--out-dir", required=True, help="where gpu_check.json, gpu_check.md and logs/ are written ($OUT)")
     p.add_argument("--work", default=None, help="scratch space for the SD folder, runs and checkpoints "
                    "(several GB on the GPU; default: a gpu_check folder in the system temp directory)")

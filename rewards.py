@@ -492,9 +492,15 @@ OPTIONS: dict[str, tuple[type, object, str]] = {  # name -> (type, default, help
 
 def reward_help() -> str:
     """Text for --help: every reward name and option."""
-    names = "\n".join(f"  {n:<24} {d}" for n, d in REWARDS.items())
-    opts = "\n".join(f"  {n:<24} {h}" + ("" if d is None else f" (default {d})") for n, (_, d, h) in OPTIONS.items())
-    return f"rewards (spec: NAME or NAME=WEIGHT,NAME=WEIGHT,...):\n{names}\nreward options:\n{opts}"
+    import textwrap
+
+    def rows(items) -> str:   # name, then its text wrapped to 100 columns under itself
+        return "\n".join(textwrap.fill(text, 100, initial_indent=f"  {name:<24} ", subsequent_indent=" " * 27,
+                                       break_on_hyphens=False)
+                         for name, text in items)
+    opts = ((n, h + ("" if d is None else f" (default: {d})")) for n, (_, d, h) in OPTIONS.items())
+    return (f"rewards (spec: NAME or NAME=WEIGHT,NAME=WEIGHT,...):\n{rows(REWARDS.items())}\n"
+            f"reward options (--reward-option NAME=VALUE):\n{rows(opts)}")
 
 
 def parse_spec(spec: str) -> list[tuple[str, float]]:

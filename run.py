@@ -87,13 +87,18 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         group = p.add_argument_group(title)
 
     def add(flag: str, help: str, **kw) -> None:
+        """One flag. Every default reads "(default: X)", per-model ones "(default: X; --model tiny: Y; ...)": the
+        SD value (or the text's own "(default: ...)") first, then the models that differ, from MODEL_DEFAULTS."""
         name = flag[2:].replace("-", "_")
-        if name in MODEL_DEFAULTS["sd"]:
+        per_model = [f"--model {m}: {MODEL_DEFAULTS[m][name]:g}" if isinstance(MODEL_DEFAULTS[m][name], float) else
+                     f"--model {m}: {MODEL_DEFAULTS[m][name]}" for m in ("tiny", "shapes")
+                     if name in MODEL_DEFAULTS[m] and MODEL_DEFAULTS[m][name] != MODEL_DEFAULTS["sd"].get(name)]
+        if name in MODEL_DEFAULTS["sd"] or per_model:
             kw["default"] = None
-            given = [f"{MODEL_DEFAULTS[m][name]} with --model {m}" for m in ("tiny", "shapes") if name in MODEL_DEFAULTS[m]]
-            if MODEL_DEFAULTS["sd"][name] is not None:
-                given.insert(0, f"default {MODEL_DEFAULTS['sd'][name]}")
-            help += f" ({'; '.join(given)})"
+            said = re.search(r" \(default: (.*)\)$", help)
+            sd = MODEL_DEFAULTS["sd"].get(name)
+            first = said.group(1) if said else (f"{sd:g}" if isinstance(sd, float) else str(sd))
+            help = (help[:said.start()] if said else help) + f" (default: {'; '.join([first, *per_model])})"
         if suppress_defaults:
             kw["default"] = argparse.SUPPRESS
         group.add_argument(flag, help=help, **kw)
@@ -104,11 +109,11 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         default=DEFAULT_MODEL)
     add("--size", "image size in pixels (default: the model's native size)", type=int, default=None)
     add("--negative-prompt", "the unconditional prompt of classifier-free guidance (default: empty)", default="")
-    add("--precision", "autocast dtype of the frozen weights and the compute (default bf16 on CUDA, fp32 on CPU); "
-        "trainable weights always stay fp32; fp16 adds loss scaling", choices=("fp32", "bf16", "fp16"), default=None)
+    add("--precision", "autocast dtype of the frozen weights and the compute; trainable weights always stay fp32; fp16 "
+        "adds loss scaling (default: bf16 on CUDA, fp32 on CPU)", choices=("fp32", "bf16", "fp16"), default=None)
     add("--compile", "torch.compile the UNet", action="store_true", default=False)
     add("--grad-checkpointing", "recompute UNet blocks in backward to save memory", action="store_true", default=False)
-    add("--device", "cuda, cuda:1, cpu (default cuda when available); torchrun sets cuda:LOCAL_RANK", default=None)
+    add("--device", "cuda, cuda:1, cpu; torchrun sets cuda:LOCAL_RANK (default: cuda when available)", default=None)
 
     section("reward")
     add("--reward", "spec, e.g. 'hps', 'jpeg-compressibility', 'hps=1,aesthetic=0.05' (names below)", default="hps")
@@ -165,7 +170,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--timestep-fraction", "fraction of the denoising steps trained per sample (a random subset)", type=float)
     add("--skip-last-step", "never train on the last (sigma ~ 0.02) step (DanceGRPO)", action="store_true",
         default=False)
-    add("--lr", "learning rate (default 3e-4 with LoRA, 1e-5 for full fine-tuning; 5e-3 with --model tiny)",
+    add("--lr", "AdamW learning rate (default: 3e-4 with LoRA, 1e-5 for full fine-tuning)",
         type=float, default=None)
     add("--adam-beta1", "AdamW beta1", type=float, default=0.9)
     add("--adam-beta2", "AdamW beta2", type=float, default=0.999)
@@ -180,7 +185,7 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
 
     section("run")
     add("--seed", "seed of prompts, noise, initialisation and shuffling", type=int, default=42)
-    add("--out", "run directory (default runs/<timestamp>)", default=None)
+    add("--out", "run directory (default: runs/<timestamp>)", default=None)
     add("--resume", "run directory to continue from its last checkpoint", default=None)
     add("--save-every", "checkpoint every N epochs (and at the end)", type=int)
     add("--keep-checkpoints", "keep the newest N checkpoints, delete older ones (0 = keep all)", type=int, default=1)

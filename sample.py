@@ -84,42 +84,47 @@ def apply_run_settings(args: argparse.Namespace) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="sample.py", description="Sample a captioned image grid from SD (base or DDPO fine-tuned).",
                        epilog=reward_help())
-    p.add_argument("--model", help="hub id, diffusers folder, .safetensors/.ckpt file, 'shapes' (our pretrained toy) or "
-                   f"'tiny' (random); default: the --finetuned run's model, else {DEFAULT_MODEL}")
-    p.add_argument("--prompt", action="append",
-                   help="a prompt (repeat the flag for several); default: two built-in prompts")
-    p.add_argument("--prompts", metavar="NAME",
+    g = p.add_argument_group("model")
+    g.add_argument("--model", help="hub id, diffusers folder, .safetensors/.ckpt file, 'shapes' (our pretrained toy) or "
+                   f"'tiny' (random) (default: the --finetuned run's model, else {DEFAULT_MODEL})")
+    g.add_argument("--finetuned", metavar="CKPT",
+                   help="trainer output to apply: run dir, LoRA .safetensors, or full UNet folder/file")
+    g.add_argument("--compare", action="store_true",
+                   help="with --finetuned: base and fine-tuned side by side, identical seeds")
+    g.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                   help="model dtype; auto = fp16 on CUDA, fp32 on CPU")
+    g.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
+    g.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="override the model's (single-file SD 2.1-768 needs v_prediction)")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", action="append",
+                   help="a prompt (repeat the flag for several) (default: two built-in prompts)")
+    g.add_argument("--prompts", metavar="NAME",
                    help=f"a built-in set ({', '.join(PROMPT_SETS)}) or a text file, one prompt per line ('#' lines "
                    "skipped), added after the --prompt ones")
-    p.add_argument("--n", type=int, default=4, help="images per prompt (grid columns)")
-    p.add_argument("--seed", type=int, default=0, help="column j uses seed SEED+j, for every prompt and model")
-    # these five default to the --finetuned run's own settings (its config.json), so its policy is what is sampled
-    p.add_argument("--steps", type=int, help=f"DDIM steps (default: the run's, else {RUN_SETTINGS['steps']})")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the run's, "
+    # the sampling settings default to the --finetuned run's own (its config.json): its policy is what is sampled
+    g = p.add_argument_group("sampling (defaults: the --finetuned run's settings)")
+    g.add_argument("--n", type=int, default=4, help="images per prompt (grid columns)")
+    g.add_argument("--seed", type=int, default=0, help="column j uses seed SEED+j, for every prompt and model")
+    g.add_argument("--steps", type=int, help=f"DDIM steps (default: the run's, else {RUN_SETTINGS['steps']})")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale, 1 = none (default: the run's, "
                    f"else {RUN_SETTINGS['guidance']})")
-    p.add_argument("--eta", type=float, help="DDIM eta: 1 = DDPO's stochastic policy, 0 = deterministic DDIM "
+    g.add_argument("--eta", type=float, help="DDIM eta: 1 = DDPO's stochastic policy, 0 = deterministic DDIM "
                    f"(default: the run's, else {RUN_SETTINGS['eta']})")
-    p.add_argument("--size", type=int, help="image size in pixels (default: the run's, else the model's native size)")
-    p.add_argument("--negative-prompt", help="negative prompt, the unconditional branch of CFG (default: the run's, "
+    g.add_argument("--size", type=int, help="image size in pixels (default: the run's, else the model's native size)")
+    g.add_argument("--negative-prompt", help="negative prompt, the unconditional branch of CFG (default: the run's, "
                    "else empty)")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="model dtype; auto = fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--device", default="auto", help="torch device; auto = cuda if available, else cpu")
-    p.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (no effect on the images)")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                   help="override the model's (single-file SD 2.1-768 needs v_prediction)")
-    p.add_argument("--finetuned", metavar="CKPT",
-                   help="trainer output to apply: run dir, LoRA .safetensors, or full UNet folder/file")
-    p.add_argument("--compare", action="store_true",
-                   help="with --finetuned: base and fine-tuned side by side, identical seeds")
-    p.add_argument("--reward", metavar="SPEC", help="score every image, print and caption the scores: a reward spec, "
+    g.add_argument("--batch-size", type=int, default=8, help="images per sampling batch (no effect on the images)")
+    g = p.add_argument_group("reward")
+    g.add_argument("--reward", metavar="SPEC", help="score every image, print and caption the scores: a reward spec, "
                    "e.g. 'hps', 'jpeg-compressibility', 'hps=1,aesthetic=0.05' (names below)")
-    p.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
+    g.add_argument("--reward-option", action="append", default=[], metavar="KEY=VALUE",
                    help="a reward option below, repeatable (e.g. precision=fp32)")
-    p.add_argument("--hps-checkpoint", help="local HPSv2 checkpoint (default: hub xswu/HPSv2)")
-    p.add_argument("--aesthetic-checkpoint", help="local LAION aesthetic MLP .pth (default: hub)")
-    p.add_argument("--clip-path", help="CLIP ViT-L/14 folder or hub id for aesthetic/diversity")
-    p.add_argument("--out", default="samples.png", help="output PNG path for the grid")
+    g.add_argument("--hps-checkpoint", help="local HPSv2 checkpoint (default: hub xswu/HPSv2)")
+    g.add_argument("--aesthetic-checkpoint", help="local LAION aesthetic MLP .pth (default: hub)")
+    g.add_argument("--clip-path", help="CLIP ViT-L/14 folder or hub id for aesthetic/diversity")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="samples.png", help="output PNG path for the grid")
     args = p.parse_args(argv)
     try:
         apply_run_settings(args)

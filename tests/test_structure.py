@@ -44,3 +44,39 @@ def test_no_import_cycles_no_script_imports_and_a_clean_bottom_floor():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_every_script_has_one_help_style_and_one_line_errors():
+    """--help of every script: each default reads "(default: ...)", no line wider than the terminal (COLUMNS=100)
+    or the wrapped reward table; a bad flag is one line on stderr, not argparse's usage block."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "COLUMNS": "100", "HF_HUB_OFFLINE": "1"}
+    for script in sorted(SCRIPTS):
+        path = str(ROOT / f"{script}.py")
+        out = subprocess.run([sys.executable, path, "--help"], capture_output=True, text=True, env=env, cwd=ROOT)
+        assert out.returncode == 0, (script, out.stderr[-2000:])
+        text = out.stdout
+        if script == "gpu_check":   # its epilog is its docstring, verbatim
+            text = text[:text.index(__import__("gpu_check").__doc__.strip()[:40])]
+        assert "(default " not in text and "default=" not in text, (script, text)
+        wide = [line for line in text.splitlines() if len(line) > 100]
+        assert not wide, (script, wide)
+        bad = subprocess.run([sys.executable, path, "--no-such-flag"], capture_output=True, text=True, env=env,
+                             cwd=ROOT)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, (script, bad.stderr)
+        assert bad.stderr.startswith(f"{script}.py: error: ") and bad.stderr.endswith(" (see --help)\n"), bad.stderr
+
+
+def test_per_model_defaults_in_help_are_the_ones_used():
+    """The figures --help prints for --model tiny/shapes are MODEL_DEFAULTS, and parse_args applies them."""
+    import run
+    text = " ".join(run.build_parser().format_help().split())
+    for m in ("tiny", "shapes"):
+        args = run.parse_args(["--model", m, "--out", "/tmp/never-written"])
+        for k, v in run.MODEL_DEFAULTS[m].items():
+            assert getattr(args, k) == v, (m, k)
+            if v != run.MODEL_DEFAULTS["sd"].get(k):
+                shown = f"{v:g}" if isinstance(v, float) else str(v)
+                assert f"--model {m}: {shown}" in text, (m, k, shown)
