@@ -249,6 +249,32 @@ def _eps(net: Callable, x, t, c, u, cfg: UpdateConfig) -> torch.Tensor:
     return guided_eps(net, x, t, c, u if cfg.train_cfg else None, cfg.guidance)
 
 
+def _item_losses(model, scheduler, samples: Samples, s, j, cond_embeds, uncond_embeds, adv, valid, reference,
+                 cfg: UpdateConfig, autocast):
+    """The loss of the (sample s, step j) items of one micro-batch: PPO or SF on the re-scored log-prob of the
+    stored x_{t-1}, plus kl_coef * KL to the reference; 0 where the sample is masked. Returns (loss, ratio,
+    log-ratio, kl), each (m,)."""
+    x, x_next = samples.latents[s, j], samples.latents[s, j + 1]
+    t, old = samples.timesteps[s, j], samples.log_probs[s, j]
+    c = cond_embeds[s]
+    u = uncond_embeds[s] if uncond_embeds.shape[0] > 1 else uncond_embeds.expand(len(s), *uncond_embeds.shape[1:])
+    ref_mean = None
+    if reference is not None:  # before the policy forward: adapters are off only inside this call
+        with torch.no_grad(), autocast:
+            eps_ref = _eps(reference, x, t, c, u, cfg)
+        ref_mean = scheduler.step(eps_ref.float(), t, x, cfg.eta, prev_sample=x_next).mean
+    with autocast:
+        eps = _eps(model, x, t, c, u, cfg)
+    out = scheduler.step(eps.float(), t, x, cfg.eta, prev_sample=x_next)
+    if cfg.loss == "ppo":
+        loss, ratio = ppo_loss(out.log_prob, old, adv[s], cfg.clip_range)
+    else:
+        loss, ratio = sf_loss(out.log_prob, adv[s]), torch.exp(out.log_prob.detach() - old)
+    kl = gaussian_kl(out.mean, ref_mean, out.std) if ref_mean is not None else torch.zeros_like(loss)
+    loss = torch.where(valid[s], loss + cfg.kl_coef * kl, 0.0)
+    return loss, ratio, out.log_prob.detach() - old, kl
+
+
 def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samples: Samples,
                 optimizer: torch.optim.Optimizer, cfg: UpdateConfig, *, cond_embeds: torch.Tensor,
                 uncond_embeds: torch.Tensor, generator: torch.Generator, reference: Callable | None = None,
@@ -290,7 +316,6 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
         valid &= samples.valid.to(dev).bool()
     adv = torch.where(valid, adv, 0.0).clamp(-cfg.adv_clip_max, cfg.adv_clip_max)
     cond_embeds, uncond_embeds = cond_embeds.to(dev), uncond_embeds.to(dev)
-    per_sample_uncond = uncond_embeds.shape[0] == b and b > 1
     autocast = torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
     no_sync = getattr(model, "no_sync", None)
@@ -321,32 +346,15 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
             for k, a in enumerate(micro):
                 stop = min(a + cfg.micro_batch, end)
                 s, j = item_s[a:stop], item_j[a:stop]
-                x, x_next = samples.latents[s, j], samples.latents[s, j + 1]
-                t, old = samples.timesteps[s, j], samples.log_probs[s, j]
-                c = cond_embeds[s]
-                u = uncond_embeds[s] if per_sample_uncond else uncond_embeds.expand(len(s), *uncond_embeds.shape[1:])
-                ref_mean = None
-                if reference is not None:  # before the policy forward: adapters are off only inside this call
-                    with torch.no_grad(), autocast:
-                        eps_ref = _eps(reference, x, t, c, u, cfg)
-                    ref_mean = scheduler.step(eps_ref.float(), t, x, cfg.eta, prev_sample=x_next).mean
                 # DDP: all-reduce the gradients only on the last micro-step of an optimizer step
                 sync_ctx = no_sync() if (no_sync is not None and k < len(micro) - 1) else nullcontext()
                 with sync_ctx:
-                    with autocast:
-                        eps = _eps(model, x, t, c, u, cfg)
-                    out = scheduler.step(eps.float(), t, x, cfg.eta, prev_sample=x_next)
-                    if cfg.loss == "ppo":
-                        loss, ratio = ppo_loss(out.log_prob, old, adv[s], cfg.clip_range)
-                    else:
-                        loss, ratio = sf_loss(out.log_prob, adv[s]), torch.exp(out.log_prob.detach() - old)
-                    kl = gaussian_kl(out.mean, ref_mean, out.std) if ref_mean is not None else torch.zeros_like(loss)
-                    loss = torch.where(valid[s], loss + cfg.kl_coef * kl, 0.0)
-                    step_loss = loss.sum() / (end - start)  # / items of this optimizer step
-                    scaler.scale(step_loss).backward()
+                    loss, ratio, logr, kl = _item_losses(model, scheduler, samples, s, j, cond_embeds, uncond_embeds,
+                                                         adv, valid, reference, cfg, autocast)
+                    scaler.scale(loss.sum() / (end - start)).backward()  # / items of this optimizer step
 
                 with torch.no_grad():
-                    r, logr = ratio.detach(), out.log_prob.detach() - old
+                    r = ratio.detach()
                     if first_dev is None:
                         first_dev = (r - 1).abs().max()
                     hi, lo = r > 1 + cfg.clip_range, r < 1 - cfg.clip_range

@@ -11,6 +11,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 
+def score_label(score: float) -> str:
+    """How every grid writes a reward under an image: three decimals (shapes 0.833, HPS 0.273, JPEG -3.624)."""
+    return f"{score:.3f}"
+
+
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font, width: int, max_lines: int) -> list[str]:
     """Greedy word wrap to `width` pixels; the last kept line ends in '…' if text was cut."""
     lines: list[str] = []

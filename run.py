@@ -594,6 +594,10 @@ class Run:
                 self.wandb_id = self.wandb_run.id
         return start_epoch, global_step
 
+    def due(self, every: int, epoch: int) -> bool:
+        """Every N epochs, and at the start and the end (0: never)."""
+        return every > 0 and (epoch % every == 0 or epoch == self.args.epochs)
+
     def warn(self, message: str) -> None:
         if self.master:
             print(f"warning: {message}", file=sys.stderr, flush=True)

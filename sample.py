@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import lora
 from cli import DTYPES, PROMPT_SETS, ArgumentParser, fail, load_prompts
-from grid import make_grid
+from grid import make_grid, score_label
 from rewards import build_reward, options_from_flags, parse_spec, reward_help
 from scheduler import DDIMScheduler, SchedulerConfig, rollout
 from weights import DEFAULT_MODEL, load_finetuned, load_pipeline
@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
             for j in range(args.n):
                 k = i * args.n + j
                 cells.append(images[k])
-                caption = f"seed {jobs[k][1]}" + (f" · {args.reward} {scores[k]:.4g}" if reward else "")
+                caption = f"seed {jobs[k][1]}" + (f" · {args.reward} {score_label(scores[k])}" if reward else "")
                 captions.append(caption)
                 if reward:
                     print(f"{label}\tseed {jobs[k][1]}\t{args.reward}={scores[k]:.6g}\t{prompt}")

@@ -41,7 +41,7 @@ import lora
 from cli import DTYPES, fail, load_prompts
 from ddpo import (PerPromptStatTracker, Samples, UpdateConfig, batch_advantages, ddpo_update, group_advantages,
                   reference_policy)
-from grid import make_grid
+from grid import make_grid, score_label
 from rewards import RewardWarning, build_reward, options_from_flags, parse_spec
 from run import (Run, category_means, cpu_warning, eval_sets, gather_cat, gather_objects, init_distributed,
                  mean_over_ranks, parse_args, resume_checkpoint, reward_categories, reward_stats, validate)
@@ -156,7 +156,7 @@ def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts
                                                      for k in rows[0][2]}))
     if grid and run.master and args.grid_size > 0:
         shown = [r for r in rows if r[3] is not None]
-        caps = [prompts[r[0]][:40] + (f" {r[1]:.2f}" if score else "") for r in shown]
+        caps = [prompts[r[0]][:40] + (f" {score_label(r[1])}" if score else "") for r in shown]
         ncols = args.eval_seeds if 1 < args.eval_seeds <= 8 else 8   # a row per prompt when seeds repeat
         image = make_grid(torch.stack([r[3].float() / 255 for r in shown]), ncols=min(ncols, len(shown)),
                           captions=caps)
@@ -164,10 +164,30 @@ def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts
     return out
 
 
+def evaluate_all(policy: Policy, reward_fn, run: Run, epoch: int, sets: dict[str, list[str]]) -> dict:
+    """The evaluation sets due at this epoch: scored every --eval-every epochs, a grid every --sample-every."""
+    score, grid = run.due(run.args.eval_every, epoch), run.due(run.args.sample_every, epoch)
+    out = {}
+    for name, prompts in sets.items():
+        if prompts and (score or grid):
+            out.update(evaluate(policy, reward_fn, run, epoch, name, prompts, score, grid))
+    return out
+
+
 def print_warnings(run: Run, infos: list[dict]) -> None:
     """A reward's warnings (info["warnings"]) of one epoch or evaluation, each distinct line once."""
     for warning in dict.fromkeys(w for info in infos for w in info.get("warnings", [])):
         tqdm.write(f"rank {run.rank}: {warning}", file=sys.stderr)
+
+
+def check_first_ratio(run: Run, stats: dict, epoch: int) -> None:
+    """DDPO's sanity check: the first micro-step re-scores the rollout with the weights that sampled it, so its PPO
+    ratio is 1 up to rounding; off by more than the clip range, the whole update is clipped from the start."""
+    if stats["first_ratio_max_dev"] > run.args.clip_range:
+        run.warn(f"epoch {epoch}: the PPO ratio of the first micro-step is off 1 by {stats['first_ratio_max_dev']:.2g} "
+                 f"> --clip-range {run.args.clip_range:g}: rollout and update scored the same steps differently "
+                 "(precision or batch-size-dependent kernels); the update is clipped from the start. Check "
+                 "--precision, or use --precision fp32")
 
 
 def sync(device: torch.device) -> None:
@@ -277,7 +297,8 @@ def setup(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, (prompts, eval_prompts, heldout_prompts), ckpt, rank, world, device, pipe, reward_fn = setup(argv)
+    args, (prompts, *eval_prompts), ckpt, rank, world, device, pipe, reward_fn = setup(argv)
+    eval_sets = {"eval": eval_prompts[0], "heldout": eval_prompts[1]}
     if rank == 0 and (warning := cpu_warning(device, sum(p.numel() for p in pipe.unet.parameters()))):
         print(warning, file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)  # the same initial weights (LoRA A) on every rank
@@ -297,21 +318,11 @@ def main(argv: list[str] | None = None) -> None:
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1) if args.async_reward and getattr(
         reward_fn, "async_ok", False) else None
 
-    def evaluate_all(epoch: int) -> dict:
-        score, grid, out = due(args.eval_every, epoch), due(args.sample_every, epoch), {}
-        for name, ps in (("eval", eval_prompts), ("heldout", heldout_prompts)):
-            if ps:
-                out.update(evaluate(policy, reward_fn, run, epoch, name, ps, score, grid))
-        return out
-
-    def due(every: int, epoch: int) -> bool:
-        return every > 0 and (epoch % every == 0 or epoch == args.epochs)
-
     for epoch in range(start_epoch, args.epochs):
         t_epoch = time.perf_counter()
         row = {"epoch": epoch}
-        if due(args.eval_every, epoch) or due(args.sample_every, epoch):
-            row.update(evaluate_all(epoch), time_eval=time.perf_counter() - t_epoch)
+        if run.due(args.eval_every, epoch) or run.due(args.sample_every, epoch):
+            row.update(evaluate_all(policy, reward_fn, run, epoch, eval_sets), time_eval=time.perf_counter() - t_epoch)
 
         # prompts -> text embeddings -> rollout -> images -> rewards
         all_prompts = epoch_prompts(prompts, n_global, args.group_size, args.seed, epoch)
@@ -343,11 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         t_update = time.perf_counter() - t0
         global_step += args.optimizer_steps_per_epoch * args.inner_epochs
         stats = mean_over_ranks(stats)
-        if stats["first_ratio_max_dev"] > args.clip_range:  # ratio 1 is DDPO's sanity check
-            run.warn(f"epoch {epoch}: the PPO ratio of the first micro-step is off 1 by "
-                     f"{stats['first_ratio_max_dev']:.2g} > --clip-range {args.clip_range:g}: rollout and update "
-                     "scored the same steps differently (precision or batch-size-dependent kernels); the update is "
-                     "clipped from the start. Check --precision, or use --precision fp32")
+        check_first_ratio(run, stats, epoch)
 
         # log (with the parts of a weighted sum and the reward's categories), checkpoint
         row.update(reward_metrics(results, device))
@@ -357,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         run.log(row)
         run.save(epoch + 1, global_step)
 
-    run.finish(evaluate_all(args.epochs))
+    run.finish(evaluate_all(policy, reward_fn, run, args.epochs, eval_sets))
     if executor is not None:
         executor.shutdown()
     if torch.distributed.is_initialized():
