@@ -15,21 +15,17 @@ its seed and, with --reward, its score (grid.py draws it).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-import lora
 from cli import DTYPES, PROMPT_SETS, ArgumentParser, fail, load_prompts
 from grid import make_grid, score_label
 from rewards import build_reward, options_from_flags, parse_spec, reward_help
-from scheduler import DDIMScheduler, SchedulerConfig, rollout
-from weights import DEFAULT_MODEL, load_finetuned, load_pipeline
+from scheduler import DDIMScheduler, SchedulerConfig
+from weights import DEFAULT_MODEL, RUN_SETTINGS, load_finetuned, load_pipeline, run_settings, sample_images
 
 DEFAULT_PROMPTS = ["a photo of a cat", "a watercolor painting of a lighthouse at dawn"]
 
@@ -43,42 +39,12 @@ def read_prompts(prompts: list[str] | None, prompt_set: str | None) -> list[str]
     return out or list(DEFAULT_PROMPTS)
 
 
-@torch.no_grad()
-def generate(pipe, scheduler: DDIMScheduler, prompts: list[str], seeds: list[int], *, negative_prompt: str = "",
-             guidance: float = 5.0, eta: float = 1.0, size: int | None = None, batch_size: int = 8,
-             desc: str = "sampling") -> torch.Tensor:
-    """One image per (prompt, seed) pair, in that order: (B,3,H,W) fp32 in [0,1] on the CPU."""
-    uncond = pipe.encode_prompts([negative_prompt])
-    images = []
-    # fold any LoRA adapters into the weights for plain-Linear speed, but only into fp32 weights: an fp16/bf16 weight
-    # would round a small trained update away (as in train.py); low-precision bases run the adapters unmerged
-    exact = pipe.unet.conv_in.weight.dtype == torch.float32
-    with lora.merged(pipe.unet) if exact else contextlib.nullcontext():
-        for i in tqdm(range(0, len(prompts), batch_size), desc=desc):
-            cond = pipe.encode_prompts(prompts[i:i + batch_size])
-            traj = rollout(pipe.unet, pipe.vae, scheduler, cond, uncond, guidance=guidance, eta=eta,
-                           seeds=seeds[i:i + batch_size], height=size, width=size, progress=True)
-            images.append(traj.images.cpu())
-    return torch.cat(images)
-
-
-# what sample.py takes from a --finetuned run's config.json when the flag is not given, and the defaults without one
-RUN_SETTINGS = {"model": DEFAULT_MODEL, "steps": 50, "guidance": 5.0, "eta": 1.0, "size": None, "negative_prompt": ""}
-
-
 def apply_run_settings(args: argparse.Namespace) -> None:
     """Fill the sampling flags left unset from the --finetuned run directory's config.json (the run's model,
     steps, guidance, eta, size and negative prompt), then from RUN_SETTINGS."""
-    config_path = Path(os.path.expanduser(args.finetuned or "")) / "config.json"
-    run = {}
-    if args.finetuned and config_path.is_file():
-        try:
-            run = json.loads(config_path.read_text())
-        except ValueError:
-            raise ValueError(f"--finetuned {args.finetuned}: config.json is not valid JSON; restore it") from None
-    for name, default in RUN_SETTINGS.items():
+    for name, value in run_settings(args.finetuned).items():
         if getattr(args, name) is None:
-            setattr(args, name, run.get(name, default))
+            setattr(args, name, value)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -172,7 +138,7 @@ def main(argv=None) -> dict:
                 load_finetuned(pipe, ckpt)
             except (ValueError, FileNotFoundError, RuntimeError) as e:
                 fail("sample.py", str(e))
-        images = generate(pipe, scheduler, [p for p, _ in jobs], [s for _, s in jobs],
+        images = sample_images(pipe, scheduler, [p for p, _ in jobs], [s for _, s in jobs],
                           negative_prompt=args.negative_prompt, guidance=args.guidance, eta=args.eta,
                           size=args.size, batch_size=args.batch_size, desc=label)
         scores = reward(images.to(device), [p for p, _ in jobs])[0].tolist() if reward else None

@@ -20,6 +20,7 @@ is checked by name and shape before it is assigned (nanoGPT style) and bad input
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import html
 import importlib.util
@@ -41,9 +42,11 @@ import torch
 import torch.nn as nn
 from huggingface_hub.errors import OfflineModeIsEnabled, RepositoryNotFoundError
 from safetensors import SafetensorError, safe_open
+from tqdm import tqdm
 
 import hub
 import lora
+from scheduler import rollout
 from unet import UNet2DConditionModel, UNetConfig
 from vae import LEGACY_ATTENTION_NAMES, AutoencoderKL, VAEConfig
 
@@ -714,3 +717,42 @@ def load_finetuned(pipe: Pipeline, path) -> Pipeline:
         config = UNetConfig.from_dict(_read_config(config_path)) if config_path.exists() else pipe.unet.config
         pipe.unet = _build_unet(config, read_weights(path), str(path)).to(pipe.device, pipe.dtype).eval()
     return pipe
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sampling a pipeline (sample.py, evaluate.py)
+
+@torch.no_grad()
+def sample_images(pipe: Pipeline, scheduler, prompts: list[str], seeds: list[int], *, negative_prompt: str = "",
+                  guidance: float = 5.0, eta: float = 1.0, size: int | None = None, batch_size: int = 8,
+                  desc: str = "sampling") -> torch.Tensor:
+    """One image per (prompt, seed) pair, in that order: (B,3,H,W) fp32 in [0,1] on the CPU."""
+    uncond = pipe.encode_prompts([negative_prompt])
+    images = []
+    # fold any LoRA adapters into the weights for plain-Linear speed, but only into fp32 weights: an fp16/bf16 weight
+    # would round a small trained update away (as in train.py); low-precision bases run the adapters unmerged
+    exact = pipe.unet.conv_in.weight.dtype == torch.float32
+    with lora.merged(pipe.unet) if exact else contextlib.nullcontext():
+        for i in tqdm(range(0, len(prompts), batch_size), desc=desc):
+            cond = pipe.encode_prompts(prompts[i:i + batch_size])
+            traj = rollout(pipe.unet, pipe.vae, scheduler, cond, uncond, guidance=guidance, eta=eta,
+                           seeds=seeds[i:i + batch_size], height=size, width=size, progress=True)
+            images.append(traj.images.cpu())
+    return torch.cat(images)
+
+
+# what a --finetuned run's config.json supplies for sampling when a flag is not given, and the defaults without one
+RUN_SETTINGS = {"model": DEFAULT_MODEL, "steps": 50, "guidance": 5.0, "eta": 1.0, "size": None, "negative_prompt": ""}
+
+
+def run_settings(run_dir) -> dict:
+    """RUN_SETTINGS, overridden by a train.py run directory's config.json (its model, steps, guidance, eta, size
+    and negative prompt) when run_dir is one; a LoRA file or UNet folder has none, so the defaults stay."""
+    path = Path(os.path.expanduser(run_dir or "")) / "config.json"
+    run = {}
+    if run_dir and path.is_file():
+        try:
+            run = json.loads(path.read_text())
+        except ValueError:
+            raise ValueError(f"{run_dir}: config.json is not valid JSON; restore it") from None
+    return {name: run.get(name, default) for name, default in RUN_SETTINGS.items()}

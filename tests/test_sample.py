@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 import cli
 import lora
 import sample
+import weights
 from grid import make_grid
 from rewards import build_reward
 from scheduler import DDIMScheduler, SchedulerConfig
@@ -66,8 +67,8 @@ def test_same_seed_same_image_at_any_batch_size():
     pipe = load_pipeline("tiny")
     sched = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), 5)
     prompts, seeds = ["a cat", "a dog", "a cat"], [3, 4, 5]
-    together = sample.generate(pipe, sched, prompts, seeds, batch_size=3)
-    alone = sample.generate(pipe, sched, prompts[1:2], seeds[1:2], batch_size=1)
+    together = weights.sample_images(pipe, sched, prompts, seeds, batch_size=3)
+    alone = weights.sample_images(pipe, sched, prompts[1:2], seeds[1:2], batch_size=1)
     assert together.shape == (3, 3, 64, 64) and together.dtype == torch.float32
     assert (together[1] - alone[0]).abs().max().item() <= 1e-5
     assert (together[0] - together[2]).abs().max().item() > 1e-3  # same prompt, other seed: another image

@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = {p.stem: p for p in ROOT.glob("*.py")}
-SCRIPTS = {"train", "sample", "pretrain", "bench", "ablations", "gpu_check"}
+SCRIPTS = {"train", "sample", "pretrain", "bench", "ablations", "gpu_check", "evaluate"}
 BOTTOM = {"unet", "vae", "scheduler", "lora", "grid", "shapes", "reward_base", "hub"}
 
 
