@@ -279,7 +279,7 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
                 optimizer: torch.optim.Optimizer, cfg: UpdateConfig, *, cond_embeds: torch.Tensor,
                 uncond_embeds: torch.Tensor, generator: torch.Generator, reference: Callable | None = None,
                 autocast_dtype: torch.dtype | None = None, grad_scaler: torch.amp.GradScaler | None = None,
-                progress: bool = False) -> dict[str, float]:
+                aux_loss: Callable | None = None, progress: bool = False) -> dict[str, float]:
     """One epoch of DDPO training on a batch of rollouts.
 
     model: the UNet as called for training, model(x (m,4,h,w), t (m,), c (m,77,D)) -> eps; may be DDP-wrapped
@@ -292,6 +292,9 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     grad_scaler: torch.amp.GradScaler(device.type), needed with fp16 (whose gradients underflow below ~6e-8): the
       loss is scaled before backward and the gradients unscaled before clipping; a step with inf/NaN gradients is
       skipped (counted in skipped_steps, left out of grad_norm) and the scale backs off.
+    aux_loss: aux_loss(model, i) -> (loss to add, value to log), called once per optimizer step i = 0, 1, ... of this
+      call, its gradient accumulated with the step's items (Zhang et al.'s beta * L_pre, pretrain_data.py); logged
+      as the mean pretrain_loss.
 
     All (sample, trained step) items are shuffled and split into cfg.optimizer_steps_per_epoch contiguous
     chunks; each chunk runs in micro-batches of cfg.micro_batch mixed-timestep items, each micro-loss divided by
@@ -324,6 +327,7 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     sums = torch.zeros(len(_ITEM_METRICS), device=dev)
     count, grad_norm_sum, first_dev = torch.zeros((), device=dev), torch.zeros((), device=dev), None
     skipped = torch.zeros((), device=dev)
+    aux_sum, n_aux = torch.zeros((), device=dev), 0
     # no loss scaling (fp32/bf16) is the same code path with a disabled scaler: scale, unscale_ and update are no-ops
     scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(dev.type, enabled=False)
     k_steps = cfg.optimizer_steps_per_epoch
@@ -342,6 +346,13 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
         item_s = (order // t_per_sample).to(dev)
         item_j = steps.flatten()[order].to(dev)
         for start, end in zip(splits, splits[1:]):
+            if aux_loss is not None:   # first, so that DDP all-reduces it with the step's last micro-batch
+                with no_sync() if no_sync is not None else nullcontext():
+                    with autocast:
+                        extra, value = aux_loss(model, n_aux)
+                    scaler.scale(extra).backward()
+                aux_sum += value.to(dev)
+                n_aux += 1
             micro = list(range(start, end, cfg.micro_batch))
             for k, a in enumerate(micro):
                 stop = min(a + cfg.micro_batch, end)
@@ -381,5 +392,7 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
         del metrics["kl"]
     if grad_scaler is None:
         del metrics["skipped_steps"]
+    if aux_loss is not None:
+        metrics["pretrain_loss"] = float(aux_sum) / n_aux
     metrics["optimizer_steps"] = float(n_steps)
     return metrics

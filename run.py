@@ -178,6 +178,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--adam-eps", "AdamW epsilon", type=float, default=1e-8)
     add("--max-grad-norm", "clip the gradient norm to this", type=float, default=1.0)
 
+    section("pretraining-loss regulariser (Zhang et al. 2024: L = J + beta * L_pre)")
+    add("--pretrain-data", "image-caption pairs for L_pre: 'shapes' (the shapes world), a folder of images with .txt "
+        "captions, or a .jsonl of {\"path\", \"caption\"}", default=None, metavar="SOURCE")
+    add("--pretrain-coef", "beta: weight of the eps-MSE on --pretrain-data, added at every optimizer step (0 = off)",
+        type=float, default=0.0)
+    add("--pretrain-batch-size", "pairs per optimizer step, per process", type=int, default=4)
+
     section("LoRA")
     add("--lora-rank", "adapter rank (0 = full fine-tuning of the UNet)", type=int)
     add("--lora-alpha", "adapter alpha (default: the rank, i.e. scale 1)", type=float, default=None)
@@ -267,6 +274,10 @@ def validate(args: argparse.Namespace, world: int = 1) -> None:
          "--advantage group needs --group-size >= 2 (images per prompt)")
     need(not args.global_std or args.advantage == "group", "--global-std applies to --advantage group only")
     need(not args.same_noise_per_group or args.group_size >= 2, "--same-noise-per-group needs --group-size >= 2")
+    need(args.pretrain_coef >= 0 and args.pretrain_batch_size >= 1,
+         "--pretrain-coef must be >= 0 and --pretrain-batch-size >= 1")
+    need((args.pretrain_coef > 0) == (args.pretrain_data is not None),
+         "--pretrain-coef > 0 and --pretrain-data go together: give both (or neither)")
     need(args.vae_chunk is None or args.vae_chunk >= 1, f"--vae-chunk must be >= 1, got {args.vae_chunk}")
     need(args.size is None or (args.size >= 8 and args.size % 8 == 0),
          f"--size must be a positive multiple of 8, got {args.size}")
@@ -623,7 +634,7 @@ class Run:
         # approx_kl and clipfrac are exactly 0 when the epoch takes one optimizer step (the ratio is 1 throughout):
         # not measured, not printed
         keys = [k for k in ("eval_reward_mean", "heldout_reward_mean") if k in row]
-        keys += [k for k in ("approx_kl", "clipfrac", "kl") if row.get(k)]
+        keys += [k for k in ("approx_kl", "clipfrac", "kl", "pretrain_loss") if row.get(k)]
         print(f"epoch {row['epoch']}: reward_mean {row['reward_mean']:.4g} +- {row['reward_std']:.3g}"
               + "".join(f", {k} {row[k]:.3g}" for k in keys)
               + f", {row['time_total']:.1f}s ({row['images_per_s']:.2f} img/s)", flush=True)

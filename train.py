@@ -42,6 +42,7 @@ from cli import DTYPES, fail, load_prompts
 from ddpo import (PerPromptStatTracker, Samples, UpdateConfig, batch_advantages, ddpo_update, group_advantages,
                   reference_policy)
 from grid import make_grid, score_label
+from pretrain_data import PretrainLoss, read_pairs
 from rewards import RewardWarning, build_reward, options_from_flags, parse_spec
 from run import (Run, category_means, cpu_warning, eval_sets, gather_cat, gather_objects, init_distributed,
                  mean_over_ranks, parse_args, resume_checkpoint, reward_categories, reward_stats, validate)
@@ -285,6 +286,8 @@ def setup(argv: list[str] | None):
             import shapes
             for p in {p for ps in prompt_sets for p in ps}:
                 shapes.parse(p)
+        if args.pretrain_data:
+            read_pairs(args.pretrain_data)   # a source that cannot be read fails now
         ckpt = resume_checkpoint(args, world)
         reward_options = options_from_flags(args.reward_option, hps_checkpoint=args.hps_checkpoint,
                                             aesthetic_checkpoint=args.aesthetic_checkpoint, clip_path=args.clip_path)
@@ -305,6 +308,10 @@ def main(argv: list[str] | None = None) -> None:
     policy, reference = build_policy(args, pipe, device, world)
     unet = policy.unet
     optimizer, grad_scaler, tracker, update_cfg = build_update(args, policy, device)
+    pretrain_loss = None   # Zhang et al.'s beta * L_pre; its batch of global optimizer step g is a function of g
+    if args.pretrain_coef > 0:
+        pretrain_loss = PretrainLoss(args.pretrain_data, pipe, policy.scheduler, args.pretrain_coef,
+                                     args.pretrain_batch_size, policy.size, args.seed, rank)
     generator = torch.Generator().manual_seed(args.seed)  # shuffles samples and timesteps in the update
     n_local = args.sample_batch_size * args.sample_batches_per_epoch
     n_global = n_local * world
@@ -349,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         stats = ddpo_update(policy.model, policy.params, policy.scheduler, samples, optimizer, update_cfg,
                             cond_embeds=torch.cat([c for c, _ in batches]), uncond_embeds=policy.uncond,
                             generator=generator, reference=reference, autocast_dtype=policy.low,
-                            grad_scaler=grad_scaler, progress=run.master)
+                            grad_scaler=grad_scaler, progress=run.master,
+                            aux_loss=(lambda m, i: pretrain_loss(m, global_step + i)) if pretrain_loss else None)
         sync(device)
         t_update = time.perf_counter() - t0
         global_step += args.optimizer_steps_per_epoch * args.inner_epochs
