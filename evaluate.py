@@ -13,7 +13,8 @@ A model is a --model source (hub id, diffusers folder, single file, 'shapes', 't
 (steps, guidance, eta, size, negative prompt): the flags, else the first run directory's, else SD's defaults, so a
 base model is never compared at other settings than its fine-tuned copy. Image j of prompt i has seed --seed + j
 for every model. Writes OUT.json (settings, per-model means, standard errors, per-category means when a reward
-reports them, every image's score) and OUT.md (the table).
+reports them, every image's score) and OUT.md (the table). With --pretrain-data, a column L_pre: the eps-MSE of
+Zhang et al.'s regulariser on fixed batches of that set (mean ± SE over the batches), how far a model has drifted.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from cli import DTYPES, PROMPT_SETS, ArgumentParser, fail, load_prompts
+from pretrain_data import PretrainLoss, read_pairs
 from rewards import build_reward, options_from_flags, parse_spec, reward_help
 from scheduler import DDIMScheduler, SchedulerConfig
 from weights import RUN_SETTINGS, load_finetuned, load_pipeline, run_settings, sample_images
@@ -60,6 +62,9 @@ def parse_args(argv=None):
     g.add_argument("--hps-checkpoint", help="local HPSv2 checkpoint (default: hub xswu/HPSv2)")
     g.add_argument("--aesthetic-checkpoint", help="local LAION aesthetic MLP .pth (default: hub)")
     g.add_argument("--clip-path", help="CLIP ViT-L/14 folder or hub id for aesthetic/diversity")
+    g.add_argument("--pretrain-data", metavar="SOURCE", help="also measure L_pre, the eps-MSE on this pretraining set "
+                   "(train.py's --pretrain-data sources), on the same fixed batches for every model")
+    g.add_argument("--pretrain-batches", type=int, default=8, help="batches of 16 pairs for L_pre")
     p.add_argument("--out", default="evaluation", help="writes OUT.json and OUT.md")
     args = p.parse_args(argv)
     for name in ("seeds", "batch_size"):
@@ -161,6 +166,8 @@ def main(argv=None) -> dict:
                     os.path.join(os.path.expanduser(m), "model_index.json")):
                 raise FileNotFoundError(f"--models {m}: a folder with neither config.json (a train.py run) nor "
                                         "model_index.json (a diffusers model)")
+        if args.pretrain_data:
+            read_pairs(args.pretrain_data)
         settings = shared_settings(args)
         options = options_from_flags(args.reward_option, hps_checkpoint=args.hps_checkpoint,
                                      aesthetic_checkpoint=args.aesthetic_checkpoint, clip_path=args.clip_path)
@@ -171,6 +178,12 @@ def main(argv=None) -> dict:
             scheduler = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), settings["steps"], device)
             raw = score_model(pipe, scheduler, rewards, prompts, args, settings, model)
             results[model] = {}
+            if args.pretrain_data:   # how far the model has drifted from the data: the regulariser's own target
+                size = settings["size"] or pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+                pre = PretrainLoss(args.pretrain_data, pipe, scheduler, 1.0, 16, size, seed=0, rank=0)
+                with torch.no_grad():
+                    raw["L_pre"] = {"scores": [float(pre(pipe.unet, i)[1]) for i in range(args.pretrain_batches)],
+                                    "categories": {}}
             for name, r in raw.items():
                 mean, se, n = mean_se(r["scores"])
                 cats = {k: dict(zip(("mean", "se", "n"), mean_se(v))) for k, v in r["categories"].items()}
@@ -179,7 +192,7 @@ def main(argv=None) -> dict:
             del pipe
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         fail("evaluate.py", str(e))
-    table = {"models": args.models, "rewards": list(rewards), "prompt_set": args.prompts, "prompts": prompts,
+    table = {"models": args.models, "rewards": list(rewards) + (["L_pre"] if args.pretrain_data else []), "prompt_set": args.prompts, "prompts": prompts,
              "images": len(prompts) * args.seeds, "settings": {**settings, "seeds": args.seeds, "seed": args.seed},
              "categories": categories, "results": results}
     out = Path(args.out)

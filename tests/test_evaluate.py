@@ -9,6 +9,7 @@ import torch
 
 import evaluate
 import lora
+from pretrain_data import PretrainLoss
 from rewards import build_reward
 from scheduler import DDIMScheduler, SchedulerConfig
 from weights import load_finetuned, load_pipeline, sample_images
@@ -39,7 +40,7 @@ def test_table_equals_a_direct_computation(fake_run, tmp_path):
     prompt_file.write_text("# three prompts of the shapes world\n" + "\n".join(PROMPTS) + "\n")
     table = evaluate.main(["--models", "shapes", str(fake_run), "--prompts", str(prompt_file), "--reward", "shapes",
                            "--reward", "jpeg-compressibility", "--seeds", "2", "--seed", "5", "--batch-size", "2",
-                           "--out", str(tmp_path / "t")])
+                           "--pretrain-data", "shapes", "--pretrain-batches", "2", "--out", str(tmp_path / "t")])
     assert table["settings"]["steps"] == 6 and table["settings"]["guidance"] == 3.0   # the run's, for both models
     saved = json.loads((tmp_path / "t.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert saved["models"] == ["shapes", str(fake_run)] and saved["images"] == 6
@@ -56,6 +57,12 @@ def test_table_equals_a_direct_computation(fake_run, tmp_path):
     assert got["scores"] == pytest.approx(want, abs=1e-6)
     assert got["mean"] == pytest.approx(statistics.mean(want))
     assert got["se"] == pytest.approx(statistics.stdev(want) / math.sqrt(6))
+    # L_pre: the regulariser's eps-MSE on the same fixed batches (seed 0, steps 0 and 1) for every model
+    pre = PretrainLoss("shapes", pipe, sched, 1.0, 16, 32, seed=0, rank=0)
+    with torch.no_grad():
+        want_pre = [float(pre(pipe.unet, i)[1]) for i in range(2)]
+    assert table["results"][str(fake_run)]["L_pre"]["scores"] == pytest.approx(want_pre, rel=1e-5)
+    assert md.splitlines()[2].startswith("| model | shapes | jpeg-compressibility | L_pre |")
     base = table["results"]["shapes"]["jpeg-compressibility"]["scores"]
     tuned = table["results"][str(fake_run)]["jpeg-compressibility"]["scores"]
     assert base != tuned, "the fine-tuned weights were not applied"
