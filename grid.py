@@ -6,6 +6,7 @@ and the reward curve of a run (train batch mean +- std, evaluation sets, per com
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -179,6 +180,15 @@ def draw_reward_curve(history: list[dict], title: str) -> Image.Image:
     main += [(f"component {c}", CATEGORY_COLOURS[3 + i % 3], line(f"reward_{c}_mean"), None)
              for i, c in enumerate(components)]
     panels = [(title, main)]
+    tasks = sorted({k.split("_")[0] for r in history for k in r if re.fullmatch(r"task\d+_reward_mean", k)})
+    for i, task in enumerate(tasks):   # joint training: a panel per task, its train batch and evaluation
+        band = [(r["epoch"], r[f"{task}_reward_mean"] - r[f"{task}_reward_std"],
+                 r[f"{task}_reward_mean"] + r[f"{task}_reward_std"]) for r in history
+                if r.get(f"{task}_reward_mean") is not None and r.get(f"{task}_reward_std") is not None]
+        panels.append((f"{task} reward", [("train batch (mean +- std)", CATEGORY_COLOURS[0],
+                                           line(f"{task}_reward_mean"), band),
+                                          ("eval prompts, fixed seeds", CATEGORY_COLOURS[1],
+                                           line(f"{task}_eval_reward_mean"), None)]))
     for prefix, name in (("eval_reward", "eval prompts"), ("heldout_reward", "held-out prompts")):
         cats = [c for c in ("single", "count", "two", "relation") if line(f"{prefix}_{c}")]
         if cats:

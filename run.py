@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 import lora
 from cli import PROMPT_SETS, ArgumentParser
 from grid import draw_reward_curve
-from rewards import reward_help
+from rewards import parse_spec, reward_help
 from weights import DEFAULT_MODEL, load_pipeline
 
 # Defaults that depend on the model. SD: ddpo-pytorch's base config, sized for one 24 GB GPU (LoRA, bf16 autocast).
@@ -122,6 +122,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     add("--clip-path", "CLIP ViT-L/14 folder or hub id for aesthetic/diversity", default=None)
     add("--reward-option", "any other reward option below, repeatable (e.g. precision=fp32)", action="append",
         default=[], metavar="KEY=VALUE")
+    add("--task", "a task of joint training (Zhang et al. Algorithm 1), repeatable: REWARD@PROMPTS[@BATCHES], e.g. "
+        "'shapes@shapes-hard' 'jpeg-compressibility@simple_animals@1'; every epoch runs the tasks in turn, each with "
+        "its own rollouts (BATCHES x --sample-batch-size, default --sample-batches-per-epoch), advantages and "
+        "update; replaces --reward/--prompts", action="append", default=[], metavar="SPEC")
     add("--async-reward", "score a batch in a thread while the next one samples (if the reward allows it)",
         action=argparse.BooleanOptionalAction, default=True)
 
@@ -259,6 +263,13 @@ def validate(args: argparse.Namespace, world: int = 1) -> None:
     need(args.lr > 0, f"--lr must be > 0, got {args.lr}")
     need(args.clip_range > 0 and args.adv_clip_max > 0 and args.max_grad_norm > 0,
          "--clip-range, --adv-clip-max and --max-grad-norm must be > 0")
+    need(not args.task or not (args.eval_prompts or args.heldout_prompts),
+         "--eval-prompts/--heldout-prompts apply to a run without --task (each task is evaluated on its prompts)")
+    for task in task_specs(args) if args.task else []:
+        n = task["batches"] * args.sample_batch_size * world
+        need(n % args.group_size == 0, f"--group-size {args.group_size} must divide the {n} samples per epoch of "
+             f"the task {task['reward']}@{task['prompts']}")
+        parse_spec(task["reward"])
     n_local = args.sample_batch_size * args.sample_batches_per_epoch
     n_trained = int(((args.steps - 1) if args.skip_last_step else args.steps) * args.timestep_fraction)
     need(n_trained >= 1, f"--timestep-fraction {args.timestep_fraction} of {args.steps} steps trains no step; raise it")
@@ -530,13 +541,32 @@ def export(run_dir: str, unet, args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # the run: inputs, directory, logs
 
-def eval_sets(args: argparse.Namespace, load_prompts) -> tuple[list[str], list[str], list[str]]:
-    """(training prompts, evaluation prompts, held-out prompts), the two evaluation lists thinned to --eval-size
-    prompts and each prompt repeated --eval-seeds times (image i of a set always has the fixed seed
+def task_specs(args: argparse.Namespace) -> list[dict]:
+    """The run's tasks: [{reward, prompts, eval_prompts, heldout_prompts, batches}]. Without --task, one task from
+    --reward and --prompts; each --task REWARD@PROMPTS[@BATCHES] is evaluated on its own prompts."""
+    if not args.task:
+        return [dict(reward=args.reward, prompts=args.prompts, eval_prompts=args.eval_prompts,
+                     heldout_prompts=args.heldout_prompts, batches=args.sample_batches_per_epoch)]
+    tasks = []
+    for spec in args.task:
+        parts = spec.split("@")
+        if len(parts) not in (2, 3) or not all(parts) or (len(parts) == 3 and not parts[2].isdigit()):
+            raise ValueError(f"--task {spec!r}: write REWARD@PROMPTS or REWARD@PROMPTS@BATCHES, e.g. "
+                             "'shapes@shapes-hard@2'")
+        batches = int(parts[2]) if len(parts) == 3 else args.sample_batches_per_epoch
+        if batches < 1:
+            raise ValueError(f"--task {spec!r}: BATCHES must be >= 1")
+        tasks.append(dict(reward=parts[0], prompts=parts[1], eval_prompts=None, heldout_prompts=None, batches=batches))
+    return tasks
+
+
+def eval_sets(args: argparse.Namespace, load_prompts, task: dict) -> tuple[list[str], list[str], list[str]]:
+    """(training prompts, evaluation prompts, held-out prompts) of a task, the two evaluation lists thinned to
+    --eval-size prompts and each prompt repeated --eval-seeds times (image i of a set always has the fixed seed
     sample_seed(seed, -1, i), so a repeat is a new fixed seed)."""
-    prompts = load_prompts(args.prompts)
-    evals = load_prompts(args.eval_prompts) if args.eval_prompts else prompts
-    heldout = load_prompts(args.heldout_prompts) if args.heldout_prompts else []
+    prompts = load_prompts(task["prompts"])
+    evals = load_prompts(task["eval_prompts"]) if task["eval_prompts"] else prompts
+    heldout = load_prompts(task["heldout_prompts"]) if task["heldout_prompts"] else []
     if args.eval_size:
         evals, heldout = ([ps[i * len(ps) // args.eval_size] for i in range(min(args.eval_size, len(ps)))]
                           for ps in (evals, heldout))
@@ -568,11 +598,12 @@ class Run:
     rank 0 writes. It owns the objects a checkpoint must capture, so that saving and resuming name them once."""
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int, *, unet, use_lora: bool, optimizer,
-                 tracker, grad_scaler, generator: torch.Generator):
+                 tracker, grad_scaler, generator: torch.Generator, prefixes: list[str] = ("",)):
         self.args, self.rank, self.world, self.master = args, rank, world, rank == 0
         self.unet, self.use_lora, self.optimizer, self.tracker = unet, use_lora, optimizer, tracker
         self.grad_scaler, self.generator = grad_scaler, generator
         self.history: list[dict] = []
+        self.prefixes = list(prefixes)   # the tasks' metric prefixes ("" for a single task)
         self.wandb_run, self.wandb_id = None, None
         self.bad_epochs = 0   # epochs in a row without a usable reward
         self.t_start = time.perf_counter()
@@ -629,14 +660,19 @@ class Run:
         self.draw_curve()
         if self.wandb_run is not None:
             self.wandb_run.log(row, step=row["epoch"])
-        if not math.isfinite(row.get("reward_mean", math.nan)) or "images_per_s" not in row:
+        if "images_per_s" not in row:
             return  # an epoch without a usable reward: skip_epoch() has said so
         # approx_kl and clipfrac are exactly 0 when the epoch takes one optimizer step (the ratio is 1 throughout):
         # not measured, not printed
-        keys = [k for k in ("eval_reward_mean", "heldout_reward_mean") if k in row]
-        keys += [k for k in ("approx_kl", "clipfrac", "kl", "pretrain_loss") if row.get(k)]
-        print(f"epoch {row['epoch']}: reward_mean {row['reward_mean']:.4g} +- {row['reward_std']:.3g}"
-              + "".join(f", {k} {row[k]:.3g}" for k in keys)
+        parts = []
+        for p in self.prefixes:
+            if not math.isfinite(row.get(f"{p}reward_mean", math.nan)):
+                continue
+            keys = [p + k for k in ("eval_reward_mean", "heldout_reward_mean") if p + k in row]
+            keys += [p + k for k in ("approx_kl", "clipfrac", "kl", "pretrain_loss") if row.get(p + k)]
+            parts.append(f"{p}reward_mean {row[p + 'reward_mean']:.4g} +- {row[p + 'reward_std']:.3g}"
+                         + "".join(f", {k} {row[k]:.3g}" for k in keys))
+        print(f"epoch {row['epoch']}: " + "; ".join(parts)
               + f", {row['time_total']:.1f}s ({row['images_per_s']:.2f} img/s)", flush=True)
 
     def skip_epoch(self, row: dict) -> None:

@@ -45,7 +45,7 @@ from grid import make_grid, score_label
 from pretrain_data import PretrainLoss, read_pairs
 from rewards import RewardWarning, build_reward, options_from_flags, parse_spec
 from run import (Run, category_means, cpu_warning, eval_sets, gather_cat, gather_objects, init_distributed,
-                 mean_over_ranks, parse_args, resume_checkpoint, reward_categories, reward_stats, validate)
+                 mean_over_ranks, parse_args, resume_checkpoint, reward_categories, reward_stats, task_specs, validate)
 from scheduler import DDIMScheduler, SchedulerConfig, rollout
 from weights import load_pipeline
 
@@ -131,6 +131,37 @@ def build_policy(args: argparse.Namespace, pipe, device: torch.device, world: in
     return policy, reference
 
 
+@dataclass
+class Task:
+    """One reward with its prompt distribution: Zhang et al.'s Algorithm 1 runs several in turn every epoch, each
+    with its own rollouts, advantages (normalised within the task) and update. A run without --task has one task,
+    whose metrics carry no prefix; with --task they are logged as task0_reward_mean, task1_..."""
+    prefix: str
+    name: str                       # the --task spec (or the --reward spec)
+    reward_fn: object
+    prompts: list[str]
+    eval_prompts: list[str]
+    heldout_prompts: list[str]
+    batches: int                    # rollout batches per epoch, per process
+    seed: int                       # task 0: --seed; task i: another stream of noise and prompts
+    tracker: PerPromptStatTracker | None = None
+
+
+class TaskTrackers:
+    """The per-prompt trackers of several tasks, saved and restored as one checkpoint entry."""
+
+    def __init__(self, trackers: list):
+        self.trackers = trackers
+
+    def state_dict(self) -> list:
+        return [t.state_dict() if t is not None else None for t in self.trackers]
+
+    def load_state_dict(self, states: list) -> None:
+        for t, s in zip(self.trackers, states):
+            if t is not None:
+                t.load_state_dict(s)
+
+
 def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts: list[str], score: bool,
              grid: bool) -> dict:
     """A prompt set with fixed seeds (image i always gets the same noise): `name`_reward_* metrics (and per category,
@@ -165,13 +196,14 @@ def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts
     return out
 
 
-def evaluate_all(policy: Policy, reward_fn, run: Run, epoch: int, sets: dict[str, list[str]]) -> dict:
-    """The evaluation sets due at this epoch: scored every --eval-every epochs, a grid every --sample-every."""
+def evaluate_all(policy: Policy, run: Run, epoch: int, tasks: list[Task]) -> dict:
+    """Each task's evaluation sets due at this epoch: scored every --eval-every epochs, a grid every --sample-every."""
     score, grid = run.due(run.args.eval_every, epoch), run.due(run.args.sample_every, epoch)
     out = {}
-    for name, prompts in sets.items():
-        if prompts and (score or grid):
-            out.update(evaluate(policy, reward_fn, run, epoch, name, prompts, score, grid))
+    for task in tasks:
+        for kind, prompts in (("eval", task.eval_prompts), ("heldout", task.heldout_prompts)):
+            if prompts and (score or grid):
+                out.update(evaluate(policy, task.reward_fn, run, epoch, task.prefix + kind, prompts, score, grid))
     return out
 
 
@@ -197,25 +229,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def sample_epoch(policy: Policy, reward_fn, run: Run, executor, all_prompts: list[str], epoch: int):
-    """This rank's block of the epoch's global batch, rolled out and scored: (batches [(cond, trajectory)],
-    reward results [(scores, info)], timings). With an executor the rewards of a batch are computed in its thread
-    while the next batch samples."""
-    args, device = run.args, policy.uncond.device
-    n_local = args.sample_batch_size * args.sample_batches_per_epoch
+def sample_epoch(policy: Policy, task: Task, run: Run, executor, all_prompts: list[str], epoch: int):
+    """This rank's block of a task's global batch of the epoch, rolled out and scored: (batches [(cond,
+    trajectory)], reward results [(scores, info)], timings). With an executor the rewards of a batch are computed
+    in its thread while the next batch samples."""
+    args, device, reward_fn, seed = run.args, policy.uncond.device, task.reward_fn, task.seed
+    n_local = args.sample_batch_size * task.batches
     mine = range(run.rank * n_local, (run.rank + 1) * n_local)
     policy.unet.eval()
     batches, pending, results, t_reward = [], [], [], 0.0
     t0 = time.perf_counter()
-    for b in tqdm(range(args.sample_batches_per_epoch), desc=f"epoch {epoch} rollout", disable=not run.master,
+    for b in tqdm(range(task.batches), desc=f"epoch {epoch} {task.prefix}rollout", disable=not run.master,
                   leave=False):
         idx = list(mine[b * args.sample_batch_size:(b + 1) * args.sample_batch_size])
         ps = [all_prompts[i] for i in idx]
         x_T = None
         if args.same_noise_per_group:  # x_T from the group's first seed; step noise stays per sample
             x_T = torch.stack([torch.randn(policy.latent_shape, generator=torch.Generator().manual_seed(
-                sample_seed(args.seed, epoch, i - i % args.group_size))) for i in idx])
-        traj, cond = policy.generate(ps, [sample_seed(args.seed, epoch, i) for i in idx], x_T)
+                sample_seed(seed, epoch, i - i % args.group_size))) for i in idx])
+        traj, cond = policy.generate(ps, [sample_seed(seed, epoch, i) for i in idx], x_T)
         if executor is not None:
             pending.append(executor.submit(reward_fn, traj.images, ps))
         else:
@@ -246,21 +278,22 @@ def reward_metrics(results: list, device: torch.device) -> dict[str, float]:
 
 
 def build_update(args: argparse.Namespace, policy: Policy, device: torch.device):
-    """(AdamW on the trainable parameters, fp16 loss scaler or None, per-prompt tracker or None, UpdateConfig)."""
+    """(AdamW on the trainable parameters, fp16 loss scaler or None, UpdateConfig)."""
     optimizer = torch.optim.AdamW(policy.params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay, eps=args.adam_eps)
     # fp16 gradients underflow below ~6e-8: scale the loss up (and skip the steps that overflow); bf16 needs none
     grad_scaler = torch.amp.GradScaler(device.type) if policy.low == torch.float16 else None
-    tracker = None
-    if args.advantage == "per-prompt":
-        tracker = PerPromptStatTracker(args.tracker_buffer, args.tracker_min_count)
     update_cfg = UpdateConfig(clip_range=args.clip_range, adv_clip_max=args.adv_clip_max, loss=args.loss,
                               kl_coef=args.kl_coef, guidance=args.guidance, eta=args.eta,
                               micro_batch=args.train_batch_size,
                               optimizer_steps_per_epoch=args.optimizer_steps_per_epoch,
                               timestep_fraction=args.timestep_fraction, skip_last_step=args.skip_last_step,
                               max_grad_norm=args.max_grad_norm, num_inner_epochs=args.inner_epochs)
-    return optimizer, grad_scaler, tracker, update_cfg
+    return optimizer, grad_scaler, update_cfg
+
+
+def prefixed(prefix: str, metrics: dict) -> dict:
+    return {prefix + k: v for k, v in metrics.items()}
 
 
 def advantages_of(args: argparse.Namespace, tracker, all_prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
@@ -273,7 +306,7 @@ def advantages_of(args: argparse.Namespace, tracker, all_prompts: list[str], rew
 
 
 def setup(argv: list[str] | None):
-    """Every bad input (flags, prompt files, model, reward) fails here with one line, before any long work."""
+    """Every bad input (flags, prompt files, model, rewards) fails here with one line, before any long work."""
     # a reward's problems reach us in info["warnings"] and are printed once per batch as one line (print_warnings);
     # the same text through warnings.warn would print again, with a source line
     warnings.simplefilter("ignore", RewardWarning)
@@ -281,11 +314,13 @@ def setup(argv: list[str] | None):
         args = parse_args(argv)
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group starts once inputs are checked
         validate(args, world)
-        prompt_sets = eval_sets(args, load_prompts)
-        if "shapes" in dict(parse_spec(args.reward)):   # its prompts must be in the world's grammar
-            import shapes
-            for p in {p for ps in prompt_sets for p in ps}:
-                shapes.parse(p)
+        specs = task_specs(args)
+        prompt_sets = [eval_sets(args, load_prompts, spec) for spec in specs]
+        for spec, sets in zip(specs, prompt_sets):
+            if "shapes" in dict(parse_spec(spec["reward"])):   # its prompts must be in the world's grammar
+                import shapes
+                for p in {p for ps in sets for p in ps}:
+                    shapes.parse(p)
         if args.pretrain_data:
             read_pairs(args.pretrain_data)   # a source that cannot be read fails now
         ckpt = resume_checkpoint(args, world)
@@ -293,86 +328,95 @@ def setup(argv: list[str] | None):
                                             aesthetic_checkpoint=args.aesthetic_checkpoint, clip_path=args.clip_path)
         rank, world, device = init_distributed(args.device)
         pipe = load_pipeline(args.model, device, torch.float32)
-        reward_fn = build_reward(args.reward, device=device, **reward_options)
+        tasks = [Task(prefix=f"task{i}_" if args.task else "", name=args.task[i] if args.task else spec["reward"],
+                      reward_fn=build_reward(spec["reward"], device=device, **reward_options), prompts=sets[0],
+                      eval_prompts=sets[1], heldout_prompts=sets[2], batches=spec["batches"],
+                      seed=args.seed + 1_000_003 * i)
+                 for i, (spec, sets) in enumerate(zip(specs, prompt_sets))]
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         fail("train.py", str(e))
-    return args, prompt_sets, ckpt, rank, world, device, pipe, reward_fn
+    return args, tasks, ckpt, rank, world, device, pipe
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, (prompts, *eval_prompts), ckpt, rank, world, device, pipe, reward_fn = setup(argv)
-    eval_sets = {"eval": eval_prompts[0], "heldout": eval_prompts[1]}
+    args, tasks, ckpt, rank, world, device, pipe = setup(argv)
     if rank == 0 and (warning := cpu_warning(device, sum(p.numel() for p in pipe.unet.parameters()))):
         print(warning, file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)  # the same initial weights (LoRA A) on every rank
     policy, reference = build_policy(args, pipe, device, world)
-    unet = policy.unet
-    optimizer, grad_scaler, tracker, update_cfg = build_update(args, policy, device)
+    optimizer, grad_scaler, update_cfg = build_update(args, policy, device)
+    for task in tasks:
+        if args.advantage == "per-prompt":
+            task.tracker = PerPromptStatTracker(args.tracker_buffer, args.tracker_min_count)
+    trackers = tasks[0].tracker if len(tasks) == 1 else TaskTrackers([task.tracker for task in tasks])
     pretrain_loss = None   # Zhang et al.'s beta * L_pre; its batch of global optimizer step g is a function of g
     if args.pretrain_coef > 0:
         pretrain_loss = PretrainLoss(args.pretrain_data, pipe, policy.scheduler, args.pretrain_coef,
                                      args.pretrain_batch_size, policy.size, args.seed, rank)
     generator = torch.Generator().manual_seed(args.seed)  # shuffles samples and timesteps in the update
-    n_local = args.sample_batch_size * args.sample_batches_per_epoch
-    n_global = n_local * world
-    run = Run(args, rank, world, unet=unet, use_lora=policy.use_lora, optimizer=optimizer, tracker=tracker,
-              grad_scaler=grad_scaler, generator=generator)
+    run = Run(args, rank, world, unet=policy.unet, use_lora=policy.use_lora, optimizer=optimizer, tracker=trackers,
+              grad_scaler=grad_scaler, generator=generator, prefixes=[task.prefix for task in tasks])
     what = f"LoRA r={args.lora_rank}" if policy.use_lora else "full UNet"
-    start_epoch, global_step = run.begin(ckpt, f"{args.model}, reward {args.reward}, {what}, "
-                                         f"{sum(p.numel() for p in policy.params):,} trainable parameters, "
-                                         f"{args.precision}, {world} process(es), {n_global} samples/epoch")
-    # one worker: rewards are scored in order, in a thread while the next batch samples (if the reward allows it)
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1) if args.async_reward and getattr(
-        reward_fn, "async_ok", False) else None
+    n_images = sum(task.batches for task in tasks) * args.sample_batch_size * world
+    start_epoch, global_step = run.begin(ckpt, f"{args.model}, {what}, {sum(p.numel() for p in policy.params):,} "
+                                         f"trainable parameters, {args.precision}, {world} process(es), {n_images} "
+                                         "samples/epoch, " + ", ".join(f"{t.prefix}reward {t.name}" for t in tasks))
+    # one worker: rewards are scored in order, in a thread while the next batch samples (if the rewards allow it)
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1) if args.async_reward and all(
+        getattr(task.reward_fn, "async_ok", False) for task in tasks) else None
 
     for epoch in range(start_epoch, args.epochs):
         t_epoch = time.perf_counter()
-        row = {"epoch": epoch}
+        row, usable = {"epoch": epoch}, False
         if run.due(args.eval_every, epoch) or run.due(args.sample_every, epoch):
-            row.update(evaluate_all(policy, reward_fn, run, epoch, eval_sets), time_eval=time.perf_counter() - t_epoch)
+            row.update(evaluate_all(policy, run, epoch, tasks), time_eval=time.perf_counter() - t_epoch)
+        for task in tasks:   # Algorithm 1: the tasks in turn, each its own rollouts, advantages and update
+            n_local = task.batches * args.sample_batch_size
 
-        # prompts -> text embeddings -> rollout -> images -> rewards
-        all_prompts = epoch_prompts(prompts, n_global, args.group_size, args.seed, epoch)
-        batches, results, times = sample_epoch(policy, reward_fn, run, executor, all_prompts, epoch)
-        rewards = torch.cat([r[0] for r in results]).float().to(device)  # (n_local,)
+            # prompts -> text embeddings -> rollout -> images -> rewards
+            all_prompts = epoch_prompts(task.prompts, n_local * world, args.group_size, task.seed, epoch)
+            batches, results, times = sample_epoch(policy, task, run, executor, all_prompts, epoch)
+            rewards = torch.cat([r[0] for r in results]).float().to(device)  # (n_local,)
 
-        # rewards of the global batch -> advantages -> this rank's slice (non-finite rewards: advantage 0, masked)
-        global_rewards = gather_cat(rewards).cpu()  # (n_global,) in global sample order
-        advantages = advantages_of(args, tracker, all_prompts, global_rewards)
-        samples = Samples(latents=torch.cat([t.latents for _, t in batches]),
-                          log_probs=torch.cat([t.log_probs for _, t in batches]),
-                          timesteps=torch.cat([t.timesteps for _, t in batches]),
-                          advantages=advantages[rank * n_local:(rank + 1) * n_local].to(device),
-                          valid=torch.isfinite(rewards))
-        row.update(reward_stats("reward", global_rewards))
+            # rewards of the task's global batch -> advantages -> this rank's slice (non-finite: advantage 0, masked)
+            global_rewards = gather_cat(rewards).cpu()  # (n_global,) in global sample order
+            advantages = advantages_of(args, task.tracker, all_prompts, global_rewards)
+            samples = Samples(latents=torch.cat([t.latents for _, t in batches]),
+                              log_probs=torch.cat([t.log_probs for _, t in batches]),
+                              timesteps=torch.cat([t.timesteps for _, t in batches]),
+                              advantages=advantages[rank * n_local:(rank + 1) * n_local].to(device),
+                              valid=torch.isfinite(rewards))
+            row.update(prefixed(task.prefix, reward_stats("reward", global_rewards)))
+            if not torch.isfinite(global_rewards).any():   # no usable reward for this task: no update
+                continue
+            usable = True
 
-        if not torch.isfinite(global_rewards).any():  # no usable reward: no update (--max-bad-epochs in a row: stop)
-            run.skip_epoch({**row, "time_total": time.perf_counter() - t_epoch})
+            # PPO update on the stored trajectories (+ beta * L_pre at every optimizer step)
+            sync(device)
+            t0 = time.perf_counter()
+            stats = ddpo_update(policy.model, policy.params, policy.scheduler, samples, optimizer, update_cfg,
+                                cond_embeds=torch.cat([c for c, _ in batches]), uncond_embeds=policy.uncond,
+                                generator=generator, reference=reference, autocast_dtype=policy.low,
+                                grad_scaler=grad_scaler, progress=run.master,
+                                aux_loss=(lambda m, i: pretrain_loss(m, global_step + i)) if pretrain_loss else None)
+            sync(device)
+            global_step += args.optimizer_steps_per_epoch * args.inner_epochs
+            stats = mean_over_ranks(stats)
+            check_first_ratio(run, stats, epoch)
+            row.update(prefixed(task.prefix, {**reward_metrics(results, device), **stats, **times,
+                                              "time_update": time.perf_counter() - t0}))
+
+        # log, checkpoint; an epoch without any usable reward: logged, and --max-bad-epochs of them in a row stop
+        row["time_total"] = time.perf_counter() - t_epoch
+        if not usable:
+            run.skip_epoch(row)
             continue
-
-        # PPO update on the stored trajectories
-        sync(device)
-        t0 = time.perf_counter()
-        stats = ddpo_update(policy.model, policy.params, policy.scheduler, samples, optimizer, update_cfg,
-                            cond_embeds=torch.cat([c for c, _ in batches]), uncond_embeds=policy.uncond,
-                            generator=generator, reference=reference, autocast_dtype=policy.low,
-                            grad_scaler=grad_scaler, progress=run.master,
-                            aux_loss=(lambda m, i: pretrain_loss(m, global_step + i)) if pretrain_loss else None)
-        sync(device)
-        t_update = time.perf_counter() - t0
-        global_step += args.optimizer_steps_per_epoch * args.inner_epochs
-        stats = mean_over_ranks(stats)
-        check_first_ratio(run, stats, epoch)
-
-        # log (with the parts of a weighted sum and the reward's categories), checkpoint
-        row.update(reward_metrics(results, device))
-        row.update(stats, lr=optimizer.param_groups[0]["lr"], global_step=global_step, **times, time_update=t_update,
-                   time_total=time.perf_counter() - t_epoch)
-        row["images_per_s"] = n_global / row["time_total"]
+        row.update(lr=optimizer.param_groups[0]["lr"], global_step=global_step,
+                   images_per_s=n_images / row["time_total"])
         run.log(row)
         run.save(epoch + 1, global_step)
 
-    run.finish(evaluate_all(policy, reward_fn, run, args.epochs, eval_sets))
+    run.finish(evaluate_all(policy, run, args.epochs, tasks))
     if executor is not None:
         executor.shutdown()
     if torch.distributed.is_initialized():
