@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import hub
+import rewards_detect
 import rewards_http
 from reward_base import (Reward, RewardWarning, drop_nonfinite, finite_mask, prompt_groups,  # noqa: F401 (re-exported)
                          quantize, to_uint8)
@@ -459,6 +460,8 @@ REWARDS: dict[str, str] = {  # name -> one line for --help
     "jpeg-compressibility": "minus the JPEG (q95) size in kB: rewards simple, smooth images (DDPO)",
     "jpeg-incompressibility": "the JPEG (q95) size in kB: rewards detailed, textured images (DDPO)",
     "shapes": "the shapes world's exact compositional score in [0, 1]: objects, counts, relations (shapes.py)",
+    "compositional": "Zhang et al.'s detection reward: mean over the prompt's objects of OWLv2's best box "
+                     "confidence (prompts like 'a cat next to a dog'; rewards_detect.py)",
     "diversity": "mean pairwise CLIP ViT-L/14 cosine distance within each prompt's group, shared by the group",
     "ranker": "AI feedback: an OpenAI-compatible vision chat model ranks each prompt's images, best 1 .. worst 0",
     "remote": "POST PNGs + prompts as JSON to remote_url, read {'scores': [...]} back (any model, any machine)",
@@ -483,6 +486,8 @@ OPTIONS: dict[str, tuple[type, object, str]] = {  # name -> (type, default, help
     "ranker_criteria": (str, "how well the image matches the prompt and its overall visual quality",
                         "what the ranker judges"),
     "ranker_concurrency": (int, 4, "prompt groups ranked in parallel"),
+    "detector_path": (str, "google/owlv2-base-patch16-ensemble", "OWLv2 detector of the compositional reward: "
+                      "hub id or local folder (model + processor)"),
     "remote_url": (str, None, "URL that scores images (wire format in rewards_http.py)"),
     "http_timeout": (float, 60.0, "seconds per HTTP attempt (ranker, remote)"),
     "http_retries": (int, 3, "extra attempts after a failed request"),
@@ -594,6 +599,11 @@ def _build_one(name: str, device: torch.device, o: dict, shared: dict) -> Reward
         return JPEG(-1 if name == "jpeg-compressibility" else 1)
     if name == "shapes":
         return Shapes()
+    if name == "compositional":
+        from transformers import Owlv2ForObjectDetection, Owlv2Processor
+        model = _from_pretrained(Owlv2ForObjectDetection, o["detector_path"], "detector_path")
+        processor = _from_pretrained(Owlv2Processor, o["detector_path"], "detector_path")
+        return rewards_detect.Compositional(model, processor, device, chunk_size=o["chunk_size"])
     http = dict(timeout=o["http_timeout"], retries=o["http_retries"], backoff=o["http_backoff"])
     if name == "ranker":
         if not o["ranker_url"] or not o["ranker_model"]:
