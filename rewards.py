@@ -10,6 +10,7 @@ tensor (B,) on the images' device plus an info dict. Each model reward follows i
     jpeg-*     DDPO compressibility      r = -/+ |JPEG_q95(x)| / 1000                       kB (1 kB = 1000 bytes)
     shapes     the shapes world          r = mean of the caption's atoms (object, count, relation, clean)  exact
     diversity  group diversity           r = 1/(n(n-1)) sum_{i!=j} (1 - cos(e_i, e_j))      shared by the group
+    fairness   Zhang et al. 2024         r = -sum_a (P(h(x) = a) - 1/|A|)^2  (h: CLIP zero-shot) shared by the group
     ranker, remote                       an HTTP chat model / any scoring server (rewards_http.py)
 
 and a spec like "hps=1,aesthetic=0.05" is the weighted sum R = sum_k w_k r_k, every r_k reported in
@@ -38,6 +39,7 @@ import json
 import math
 import os
 import threading
+import warnings
 import weakref
 
 import numpy as np
@@ -244,18 +246,19 @@ class HPS(ModelReward):
 
 
 # -----------------------------------------------------------------------------
-# CLIP ViT-L/14 image embeddings: LAION aesthetic predictor and group diversity
+# CLIP ViT-L/14 image embeddings: LAION aesthetic predictor, group diversity, group fairness
 
 class ClipImageEncoder:
     """L2-normalised CLIP image embeddings (transformers layout), preprocessed like CLIPProcessor on tensors.
 
     Keeps only the vision tower and its projection (get_image_features = visual_projection(vision pooler)).
-    Shared by `aesthetic` and `diversity` in one spec; the last batch's embeddings are remembered (by tensor
-    identity and version counter) so the pair costs one forward.
+    Shared by `aesthetic`, `diversity` and `fairness` in one spec; the last batch's embeddings are remembered (by
+    tensor identity and version counter) so the set costs one forward.
     """
 
     def __init__(self, path: str, device, precision: str = "fp16", chunk_size: int = 64, quantize: bool = True):
         from transformers import CLIPModel
+        self.path = path
         clip = _from_pretrained(CLIPModel, path, "clip_path").float()
         self.vision, self.proj = clip.vision_model, clip.visual_projection
         for m in (self.vision, self.proj):
@@ -280,6 +283,20 @@ class ClipImageEncoder:
             emb = F.normalize(emb.float(), dim=-1)
             self._last = (weakref.ref(images), images._version, emb)
             return emb
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """(T, dim) L2-normalised get_text_features of fixed texts, once: the same CLIP's text tower is loaded
+        for this call only (fp32 on the CPU) and freed, so scoring keeps just the vision tower."""
+        from transformers import CLIPModel, CLIPTokenizer
+        tokenizer = _from_pretrained(CLIPTokenizer, self.path, "clip_path")
+        if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_ids)):  # a folder without tokenizer files
+            raise FileNotFoundError(f"rewards.py: clip_path={self.path!r} has no CLIP tokenizer (vocab.json + "
+                                    f"merges.txt or tokenizer.json); save one there with CLIPProcessor.save_pretrained")
+        clip = _from_pretrained(CLIPModel, self.path, "clip_path").float().eval()
+        tok = tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        with torch.no_grad():
+            txt = _features(clip.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]))
+        return F.normalize(txt.float(), dim=-1).to(self.device)
 
 
 class AestheticMLP(nn.Module):
@@ -337,6 +354,86 @@ class Diversity(Reward):
         info = {"single_image_groups": singles}
         if singles:
             info["notes"] = [f"diversity: {singles} prompt(s) had a single image in the batch and got 0"]
+        return out, info
+
+
+def read_attributes(path: str) -> list[str]:
+    """The fairness attribute texts A of a text file: one per line, '#' lines and blank lines skipped, >= 2."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"rewards.py: fairness_attributes={path!r} is not a file; pass a text file with one "
+                                f"attribute text per line, e.g. 'a photo of a person with dark skin'")
+    with open(path, encoding="utf-8") as f:
+        texts = [line.strip() for line in f]
+    texts = [t for t in texts if t and not t.startswith("#")]
+    if len(texts) < 2:
+        raise ValueError(f"rewards.py: fairness_attributes={path!r} has {len(texts)} attribute text(s); statistical "
+                         f"parity needs at least 2, one per line")
+    twice = sorted({t for t in texts if texts.count(t) > 1})
+    if twice:
+        raise ValueError(f"rewards.py: fairness_attributes={path!r} lists {twice[0]!r} twice; give each attribute once")
+    return texts
+
+
+def statistical_parity(buckets: torch.Tensor, n_buckets: int) -> float:
+    """SP = sum_a (P(h(x) = a) - 1/|A|)^2 of one group's bucket indices (n,) int in 0..|A|-1, n >= 1."""
+    assert len(buckets) > 0 and 0 <= int(buckets.min()) and int(buckets.max()) < n_buckets
+    p = torch.bincount(buckets.cpu(), minlength=n_buckets).double() / len(buckets)  # P(h(x) = a), empirical
+    return ((p - 1 / n_buckets) ** 2).sum().item()
+
+
+class Fairness(Reward):
+    """Zhang et al. 2024's distribution-level fairness reward (their Table 3 skin-tone task): minus the statistical
+    parity of each prompt's group of images in the batch, given to every image of the group,
+
+        r(x_i, c) = -SP(c),    SP(c) = sum_{a in A} ( P(h(x) = a | c) - 1/|A| )^2
+
+    where P(h(x) = a | c) is the fraction of the group's images that the attribute classifier h puts in bucket a.
+    In [-(1 - 1/|A|), 0]: 0 for a uniform group, -(1 - 1/|A|) when every image lands in one bucket.
+
+    h is CLIP zero-shot over the attribute texts A (h(x) = argmax_a cos(f_I(x), f_T(a)), e.g. "a photo of a person
+    with dark skin", ...), or a remote classifier (rewards_http.Remote) that answers bucket indices 0..|A|-1 (rounded
+    to int). An image whose index is NaN or out of range is left out of its group's statistics and gets NaN (the
+    trainer drops it). info: buckets (B ints, -1 where unknown), statistical_parity {prompt: SP}.
+    """
+    name = "fairness"
+
+    def __init__(self, n_buckets: int, *, encoder: ClipImageEncoder | None = None, attributes: list[str] | None = None,
+                 remote: Reward | None = None):
+        super().__init__()
+        assert n_buckets >= 2 and (encoder is None) != (remote is None)
+        assert remote is not None or (attributes is not None and len(attributes) == n_buckets)
+        self.n_buckets, self.encoder, self.remote, self.attributes = n_buckets, encoder, remote, attributes
+        self.async_ok = remote is not None  # the CLIP path shares the GPU with sampling
+        # the attribute texts never change: their embeddings are computed once, here
+        self.text = encoder.embed_texts(attributes) if encoder is not None else None
+
+    def classify(self, images, prompts) -> tuple[torch.Tensor, list[str]]:
+        """(B,) long bucket index per image (-1 where unknown), and warning lines."""
+        if self.encoder is not None:
+            return (self.encoder(images) @ self.text.T).argmax(-1).cpu(), []  # h(x) = argmax_a cos(x, a)
+        s, info = self.remote(images, prompts)
+        s = s.cpu().double().round()
+        known = torch.isfinite(s) & (s >= 0) & (s < self.n_buckets)
+        warns = list(info.get("warnings", []))
+        bad = (~known & ~s.isnan()).nonzero().flatten().tolist()
+        if bad:  # NaN (null) means "cannot classify"; a number outside 0..|A|-1 is a server bug, said once
+            warns.append(f"fairness: the remote classifier answered bucket indices {[s[i].item() for i in bad][:8]} "
+                         f"outside 0..{self.n_buckets - 1} for images {bad[:8]}; they get NaN")
+            warnings.warn(warns[-1], RewardWarning, stacklevel=4)
+        return torch.where(known, s, -1).long(), warns
+
+    def score(self, images, prompts):
+        buckets, warns = self.classify(images, prompts)
+        out = torch.full((len(prompts),), float("nan"))
+        sp = {}
+        for prompt, idx in prompt_groups(prompts).items():
+            idx = torch.tensor(idx)
+            idx = idx[buckets[idx] >= 0]   # the group's images with a known bucket
+            sp[prompt] = statistical_parity(buckets[idx], self.n_buckets) if len(idx) else math.nan
+            out[idx] = 0.0 - sp[prompt]    # every image of the group gets the same reward (0.0 -: no -0 in logs)
+        info = {"buckets": buckets.tolist(), "statistical_parity": sp}
+        if warns:
+            info["warnings"] = warns
         return out, info
 
 
@@ -463,6 +560,8 @@ REWARDS: dict[str, str] = {  # name -> one line for --help
     "compositional": "Zhang et al.'s detection reward: mean over the prompt's objects of OWLv2's best box "
                      "confidence (prompts like 'a cat next to a dog'; rewards_detect.py)",
     "diversity": "mean pairwise CLIP ViT-L/14 cosine distance within each prompt's group, shared by the group",
+    "fairness": "minus the statistical parity of each prompt's group over attribute buckets (CLIP zero-shot over "
+                "fairness_attributes, or a remote classifier): 0 when the group is spread evenly (Zhang et al.)",
     "ranker": "AI feedback: an OpenAI-compatible vision chat model ranks each prompt's images, best 1 .. worst 0",
     "remote": "POST PNGs + prompts as JSON to remote_url, read {'scores': [...]} back (any model, any machine)",
 }
@@ -476,7 +575,8 @@ OPTIONS: dict[str, tuple[type, object, str]] = {  # name -> (type, default, help
     "quantize": (bool, True, "round images to 8-bit levels before scoring, as a saved PNG (published recipes)"),
     "hps_checkpoint": (str, None, f"local HPS .pt (default: hub {HPS_REPO})"),
     "hps_arch": (str, "ViT-H-14", "open_clip architecture of the HPS checkpoint, or a JSON model config path"),
-    "clip_path": (str, "openai/clip-vit-large-patch14", "CLIP for aesthetic/diversity: hub id or local folder"),
+    "clip_path": (str, "openai/clip-vit-large-patch14", "CLIP for aesthetic/diversity/fairness: hub id or local "
+                                                        "folder"),
     "aesthetic_checkpoint": (str, None, f"local aesthetic MLP .pth (default: hub {AESTHETIC_REPO})"),
     "pickscore_path": (str, "yuvalkirstain/PickScore_v1", "PickScore CLIPModel: hub id or local folder"),
     "pickscore_processor": (str, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore processor: hub id or folder"),
@@ -489,7 +589,12 @@ OPTIONS: dict[str, tuple[type, object, str]] = {  # name -> (type, default, help
     "detector_path": (str, "google/owlv2-base-patch16-ensemble", "OWLv2 detector of the compositional reward: "
                       "hub id or local folder (model + processor)"),
     "remote_url": (str, None, "URL that scores images (wire format in rewards_http.py)"),
-    "http_timeout": (float, 60.0, "seconds per HTTP attempt (ranker, remote)"),
+    "fairness_attributes": (str, None, "text file of the fairness reward's attributes, one CLIP text per line (at "
+                            "least 2; '#' lines skipped), e.g. 'a photo of a person with dark skin'"),
+    "fairness_remote_url": (str, None, "URL of a classifier answering bucket indices 0..|A|-1 in the remote wire "
+                            "format, instead of CLIP zero-shot"),
+    "fairness_buckets": (int, None, "|A| for fairness_remote_url when no fairness_attributes file gives it"),
+    "http_timeout": (float, 60.0, "seconds per HTTP attempt (ranker, remote, fairness_remote_url)"),
     "http_retries": (int, 3, "extra attempts after a failed request"),
     "http_backoff": (float, 1.0, "seconds before the first retry, doubled each retry"),
 }
@@ -555,7 +660,8 @@ def resolve_options(options: dict) -> dict:
     checks = [(o["precision"] in ("auto", "fp16", "bf16", "fp32"), "precision", "one of auto, fp16, bf16, fp32"),
               (o["chunk_size"] >= 1, "chunk_size", ">= 1"), (o["http_timeout"] > 0, "http_timeout", "> 0"),
               (o["http_retries"] >= 0, "http_retries", ">= 0"), (o["http_backoff"] >= 0, "http_backoff", ">= 0"),
-              (o["ranker_concurrency"] >= 1, "ranker_concurrency", ">= 1")]
+              (o["ranker_concurrency"] >= 1, "ranker_concurrency", ">= 1"),
+              (o["fairness_buckets"] is None or o["fairness_buckets"] >= 2, "fairness_buckets", ">= 2")]
     for ok, k, want in checks:
         if not ok:
             raise ValueError(f"rewards.py: option {k}={o[k]!r} must be {want}")
@@ -585,6 +691,9 @@ def _build_one(name: str, device: torch.device, o: dict, shared: dict) -> Reward
     # and PickScore's reference code in fp32 (fp16 moves their scores by ~1e-3)
     precision = o["precision"] if o["precision"] != "auto" else ("fp16" if name.startswith("hps-") else "fp32")
     knobs = dict(precision=precision, chunk_size=o["chunk_size"], quantize=o["quantize"])
+    http = dict(timeout=o["http_timeout"], retries=o["http_retries"], backoff=o["http_backoff"])
+    if name == "fairness":
+        return _build_fairness(device, o, shared, knobs, http)
     if name.startswith("hps-"):
         return HPS(name.removeprefix("hps-"), device, o["hps_checkpoint"], o["hps_arch"], **knobs)
     if name in ("aesthetic", "diversity"):
@@ -604,7 +713,6 @@ def _build_one(name: str, device: torch.device, o: dict, shared: dict) -> Reward
         model = _from_pretrained(Owlv2ForObjectDetection, o["detector_path"], "detector_path")
         processor = _from_pretrained(Owlv2Processor, o["detector_path"], "detector_path")
         return rewards_detect.Compositional(model, processor, device, chunk_size=o["chunk_size"])
-    http = dict(timeout=o["http_timeout"], retries=o["http_retries"], backoff=o["http_backoff"])
     if name == "ranker":
         if not o["ranker_url"] or not o["ranker_model"]:
             raise ValueError("rewards.py: the ranker reward needs ranker_url=<base URL, e.g. http://host:8000/v1> "
@@ -614,6 +722,26 @@ def _build_one(name: str, device: torch.device, o: dict, shared: dict) -> Reward
     if not o["remote_url"]:
         raise ValueError("rewards.py: the remote reward needs remote_url=<http://host:port/path>")
     return rewards_http.Remote(o["remote_url"], **http)
+
+
+def _build_fairness(device: torch.device, o: dict, shared: dict, knobs: dict, http: dict) -> Fairness:
+    # the buckets A: the attribute texts of the file (CLIP zero-shot), or a remote classifier's indices 0..|A|-1
+    attributes = read_attributes(o["fairness_attributes"]) if o["fairness_attributes"] else None
+    if o["fairness_remote_url"]:
+        n = o["fairness_buckets"] or (len(attributes) if attributes else None)
+        if n is None:
+            raise ValueError("rewards.py: fairness_remote_url needs the number of buckets |A|: pass fairness_buckets=N "
+                             "or fairness_attributes=FILE (one attribute per line)")
+        if attributes and n != len(attributes):
+            raise ValueError(f"rewards.py: fairness_buckets={n} but fairness_attributes lists {len(attributes)} "
+                             f"attributes; give one of them, or make them agree")
+        return Fairness(n, attributes=attributes, remote=rewards_http.Remote(o["fairness_remote_url"], **http))
+    if attributes is None:
+        raise ValueError("rewards.py: the fairness reward needs fairness_attributes=FILE (one CLIP text per line, e.g. "
+                         "'a photo of a person with dark skin') or fairness_remote_url=URL of a bucket classifier")
+    if "clip" not in shared:  # the same CLIP ViT-L/14 as aesthetic and diversity
+        shared["clip"] = ClipImageEncoder(o["clip_path"], device, **knobs)
+    return Fairness(len(attributes), encoder=shared["clip"], attributes=attributes)
 
 
 def build_reward(spec: str, device="cpu", **options) -> Reward:

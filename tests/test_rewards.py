@@ -1,5 +1,6 @@
 """rewards.py / rewards_http.py: parity with the published recipes on tiny random models in the real layouts,
-HTTP rewards against real local servers (good, garbage, slow, failing), JPEG sizes, diversity, weighted sums, NaN."""
+HTTP rewards against real local servers (good, garbage, slow, failing), JPEG sizes, diversity, fairness,
+weighted sums, NaN."""
 import base64
 import contextlib
 import functools
@@ -509,6 +510,191 @@ def test_remote_timeout():
         with pytest.warns(RewardWarning, match="timed out"):
             scores, _ = remote(url, http_timeout=0.3, http_retries=1)(graded(2), ["a", "b"])
     assert torch.isnan(scores).all() and state.requests == 2
+
+
+# -----------------------------------------------------------------------------
+# fairness: -statistical parity of each prompt's group (Zhang et al. 2024, Table 3)
+
+# chosen so that the tiny random CLIP of clip_files spreads the test images over all four buckets
+ATTRIBUTES = ["dark skin", "medium skin", "tan skin", "a portrait of a dark-skinned person"]
+
+
+class FixedBuckets(rewards.Reward):
+    """A stand-in for the remote classifier: answers the given numbers as its scores."""
+    name = "fixed"
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def score(self, images, prompts):
+        return torch.tensor(self.values, dtype=torch.float32), {}
+
+
+def fairness_on(values, prompts, n_buckets):
+    reward = rewards.Fairness(n_buckets, remote=FixedBuckets(values))
+    return reward(torch.zeros(len(values), 3, 8, 8), prompts)
+
+
+def test_fairness_statistical_parity_formula():
+    cases = [  # (buckets of one group, |A|, SP by hand)
+        ([0, 1, 2, 3], 4, 0.0),                    # uniform
+        ([0, 1, 2, 3, 3, 2, 1, 0], 4, 0.0),        # uniform, twice
+        ([2, 2, 2, 2], 4, 0.75),                   # one bucket: 3 * (1/4)^2 + (3/4)^2 = 1 - 1/4
+        ([0, 0, 1, 2], 4, 0.125),                  # P = (1/2, 1/4, 1/4, 0): (1/4)^2 + 0 + 0 + (1/4)^2
+        ([0, 0, 0, 1, 1, 2], 3, 1 / 18),           # P = (1/2, 1/3, 1/6): (1/6)^2 + 0 + (1/6)^2
+        ([1], 4, 0.75),                            # a group of one image is one bucket
+        ([0, 1], 2, 0.0), ([1, 1], 2, 0.5),        # two buckets: 1 - 1/2
+    ]
+    for buckets, n, sp in cases:
+        direct = rewards.statistical_parity(torch.tensor(buckets), n)
+        scores, info = fairness_on(buckets, ["p"] * len(buckets), n)
+        print(f"\n[measured] SP of {buckets} over {n} buckets: {direct:.6g} (by hand {sp:.6g}), reward "
+              f"{scores[0].item():.6g}")
+        assert direct == pytest.approx(sp, abs=1e-12)
+        assert torch.allclose(scores, torch.full((len(buckets),), -sp), atol=1e-7)
+        assert info["buckets"] == buckets and info["statistical_parity"]["p"] == pytest.approx(sp, abs=1e-12)
+
+
+def test_fairness_groups_by_prompt():
+    # three prompts interleaved: a -> 0 1 2 3 (uniform), b -> 1 1 1 1 (one bucket), c -> 0 0 1 2 (in between)
+    prompts = ["a", "b", "c"] * 4
+    buckets = [0, 1, 0, 1, 1, 0, 2, 1, 1, 3, 1, 2]
+    scores, info = fairness_on(buckets, prompts, 4)
+    sp = info["statistical_parity"]
+    print(f"\n[measured] per-prompt SP {sp}, scores {scores.tolist()}")
+    assert list(sp) == ["a", "b", "c"] and sp == pytest.approx({"a": 0.0, "b": 0.75, "c": 0.125})
+    for i, p in enumerate(prompts):
+        assert scores[i].item() == pytest.approx(-sp[p])
+    # two prompts, one of them a single image: valid, SP as usual
+    scores, info = fairness_on([3, 0, 1], ["x", "solo", "x"], 4)
+    print(f"\n[measured] two prompts with a single-image group: SP {info['statistical_parity']}")
+    assert info["statistical_parity"] == pytest.approx({"x": 0.25, "solo": 0.75})
+    assert scores.tolist() == pytest.approx([-0.25, -0.75, -0.25])
+
+
+@pytest.fixture(scope="module")
+def fairness_files(clip_files, tmp_path_factory):
+    """clip_files' 768-d tiny CLIP in a folder with its tokenizer (as openai/clip-vit-large-patch14 ships), and
+    attribute files."""
+    d = tmp_path_factory.mktemp("fairness")
+    CLIPModel.from_pretrained(clip_files.clip).save_pretrained(d / "clip")
+    CLIPProcessor.from_pretrained(clip_files.proc).save_pretrained(d / "clip")
+    (d / "attributes.txt").write_text("# skin tones, one CLIP text per line\n\n" + "\n".join(ATTRIBUTES) + "\n")
+    return SimpleNamespace(clip=str(d / "clip"), attributes=str(d / "attributes.txt"), dir=d)
+
+
+def test_fairness_clip_zero_shot_matches_transformers(fairness_files):
+    reward = build_reward("fairness", clip_path=fairness_files.clip, fairness_attributes=fairness_files.attributes)
+    fair = reward.parts[0][2]
+    assert fair.attributes == ATTRIBUTES and fair.n_buckets == 4 and not reward.async_ok
+    # flat grey levels, the three primaries and smooth scenes: the tiny random CLIP puts them in all 4 buckets
+    images = torch.cat([torch.linspace(0, 1, 6).view(6, 1, 1, 1).expand(6, 3, 200, 280),
+                        torch.eye(3).view(3, 3, 1, 1).expand(3, 3, 200, 280), make_images(6, 200, 280, seed=61)])
+    prompts = ["a portrait of a dentist", "a portrait of a nurse", "a portrait of a judge"] * 5
+    scores, info = reward(images, prompts)
+    # independently: transformers' CLIPModel on CLIPImageProcessor's pixels of the 8-bit images, CLIPProcessor text
+    clip = CLIPModel.from_pretrained(fairness_files.clip).eval()
+    proc = CLIPProcessor.from_pretrained(fairness_files.clip)
+    with torch.no_grad():
+        img = features(clip.get_image_features(pixel_values=processor_pixels(proc.image_processor,
+                                                                             rewards.quantize(images))))
+        txt = features(clip.get_text_features(**proc(text=ATTRIBUTES, padding=True, return_tensors="pt")))
+    cos = F.normalize(img, dim=-1) @ F.normalize(txt, dim=-1).T
+    ref, top2 = cos.argmax(-1), cos.topk(2, dim=-1).values
+    margin = (top2[:, 0] - top2[:, 1]).min().item()
+    ours = fair.encoder(images) @ fair.text.T
+    buckets = info["details"]["fairness"]["buckets"]
+    print(f"\n[measured] fairness CLIP buckets {buckets}, transformers argmax {ref.tolist()}")
+    report("fairness: max |cos ours - cos transformers|", (ours - cos).abs().max().item())
+    report("fairness: smallest top-1 - top-2 cosine margin of the reference", margin)
+    assert buckets == ref.tolist() and len(set(buckets)) == 4
+    assert (ours - cos).abs().max() < 0.01 * margin  # the argmax agreement is not a near tie
+    sp = {p: rewards.statistical_parity(ref[i::3], 4) for i, p in enumerate(prompts[:3])}
+    print(f"[measured] fairness per-prompt SP {info['details']['fairness']['statistical_parity']}")
+    assert info["details"]["fairness"]["statistical_parity"] == pytest.approx(sp)
+    assert torch.allclose(scores, torch.tensor([-sp[p] for p in prompts]), atol=1e-7)
+    # with aesthetic/diversity in the same spec: one shared CLIP, one vision forward
+    both = build_reward("diversity,fairness", clip_path=fairness_files.clip,
+                        fairness_attributes=fairness_files.attributes)
+    assert both.parts[0][2].encoder is both.parts[1][2].encoder
+    calls = []
+    both.parts[0][2].encoder.vision.register_forward_hook(lambda *a: calls.append(1))
+    _, info2 = both(images, prompts)
+    assert len(calls) == 1 and info2["details"]["fairness"]["buckets"] == ref.tolist()
+
+
+def test_fairness_bad_options(fairness_files, clip_files):
+    d = fairness_files.dir
+    clip = dict(clip_path=fairness_files.clip)
+    cases = [(dict(), ValueError, "fairness reward needs fairness_attributes=FILE .* or fairness_remote_url=URL"),
+             (dict(fairness_attributes=str(d / "missing.txt")), FileNotFoundError,
+              "fairness_attributes=.*missing.txt' is not a file; pass a text file with one attribute text per line")]
+    (d / "one.txt").write_text("# a comment\na photo of a person with dark skin\n\n")
+    cases.append((dict(fairness_attributes=str(d / "one.txt")), ValueError, "has 1 attribute text.*at least 2"))
+    (d / "twice.txt").write_text("a photo of a cat\na photo of a cat\n")
+    cases.append((dict(fairness_attributes=str(d / "twice.txt")), ValueError, "lists 'a photo of a cat' twice"))
+    cases += [(dict(fairness_remote_url="http://127.0.0.1:9/x"), ValueError,
+               "fairness_remote_url needs the number of buckets.*fairness_buckets=N"),
+              (dict(fairness_remote_url="http://127.0.0.1:9/x", fairness_buckets=3,
+                    fairness_attributes=fairness_files.attributes), ValueError,
+               "fairness_buckets=3 but fairness_attributes lists 4"),
+              (dict(fairness_remote_url="http://127.0.0.1:9/x", fairness_buckets=1), ValueError,
+               "fairness_buckets=1 must be >= 2"),
+              (dict(fairness_attributes=fairness_files.attributes, clip_path=clip_files.clip), FileNotFoundError,
+               "clip_path=.* has no CLIP tokenizer"),       # a model folder without tokenizer files
+              (dict(fairness_attributes=fairness_files.attributes, clip_path=None), FileNotFoundError,
+               "pass clip_path=PATH")]                       # the hub default, offline in tests
+    for options, error, message in cases:
+        with pytest.raises(error, match=message) as e:
+            build_reward("fairness", **{**clip, **options})
+        print(f"\n[measured] {options}: {e.value}")
+        assert "\n" not in str(e.value)
+    assert "fairness" in rewards.reward_help() and "fairness_attributes" in rewards.reward_help()
+
+
+def bucket_scorer(path, body):
+    """A 'classifier' with 3 buckets by brightness (dark 0, mid 1, bright 2); prompt 'odd' gets null / out of range."""
+    out = []
+    for im, p in zip(decode_images(body["images"]), body["prompts"]):
+        b = im.mean() / 255
+        out.append(None if p == "unknown" else 7 if p == "odd" else (0 if b < 0.35 else 1 if b < 0.65 else 2) + 0.2)
+    return 200, {"scores": out}
+
+
+def test_fairness_remote_classifier():
+    images = graded(6)  # brightness 0.3 0.9 0.1 0.6 0.5 0.2 -> buckets 0 2 0 1 1 0
+    with serve(bucket_scorer) as (url, state):
+        reward = build_reward("fairness", fairness_remote_url=url + "/classify", fairness_buckets=3,
+                              http_retries=0)
+        assert reward.async_ok
+        scores, info = reward(images, ["p", "p", "p", "q", "q", "q"])
+        fi = info["details"]["fairness"]
+        print(f"\n[measured] remote buckets {fi['buckets']}, SP {fi['statistical_parity']}")
+        assert fi["buckets"] == [0, 2, 0, 1, 1, 0] and state.paths == ["/classify"]
+        # p: P = (2/3, 0, 1/3) -> (1/3)^2 + (1/3)^2 + 0 = 2/9; q: P = (1/3, 2/3, 0) -> 0 + (1/3)^2 + (1/3)^2 = 2/9
+        assert fi["statistical_parity"] == pytest.approx({"p": 2 / 9, "q": 2 / 9})
+        assert scores.tolist() == pytest.approx([-2 / 9] * 6)
+        # null and out-of-range answers: left out of the group's statistics, NaN, dropped by the trainer
+        with pytest.warns(RewardWarning, match=r"bucket indices \[7.0\] outside 0..2 for images \[2\]"):
+            scores, info = reward(images, ["p", "unknown", "odd", "p", "solo", "unknown"])
+        fi = info["details"]["fairness"]
+        print(f"[measured] remote buckets with null/out-of-range {fi['buckets']}, SP {fi['statistical_parity']}, "
+              f"scores {scores.tolist()}")
+        assert fi["buckets"] == [0, -1, -1, 1, 1, -1] and info["dropped"] == [1, 2, 5]
+        # p keeps images 0 and 3, buckets 0 and 1: P = (1/2, 1/2, 0) -> (1/6)^2 + (1/6)^2 + (1/3)^2 = 1/6
+        assert fi["statistical_parity"]["p"] == pytest.approx(1 / 6)
+        assert math.isnan(fi["statistical_parity"]["unknown"]) and math.isnan(fi["statistical_parity"]["odd"])
+        assert scores[[0, 3]].tolist() == pytest.approx([-fi["statistical_parity"]["p"]] * 2)
+        # solo: one image in bucket 1 -> (1/3)^2 + (2/3)^2 + (1/3)^2 = 2/3
+        assert scores[4].item() == pytest.approx(-2 / 3) and torch.isnan(scores[[1, 2, 5]]).all()
+    with serve(lambda path, body: (500, {"error": "down"})) as (url, state):
+        reward = build_reward("fairness", fairness_remote_url=url, fairness_attributes=None, fairness_buckets=2,
+                              http_retries=0)
+        with pytest.warns(RewardWarning, match="remote: scoring 2 images.*HTTP 500"):
+            scores, info = reward(graded(2), ["p", "p"])
+    assert torch.isnan(scores).all() and info["details"]["fairness"]["buckets"] == [-1, -1]
+    assert any("HTTP 500" in w for w in info["warnings"])
 
 
 # -----------------------------------------------------------------------------
