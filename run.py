@@ -270,6 +270,11 @@ def validate(args: argparse.Namespace, world: int = 1) -> None:
         need(n % args.group_size == 0, f"--group-size {args.group_size} must divide the {n} samples per epoch of "
              f"the task {task['reward']}@{task['prompts']}")
         parse_spec(task["reward"])
+    for task in task_specs(args):   # a group reward sees one rollout batch: each prompt's group must lie inside one
+        group_rewards = [n for n, _ in parse_spec(task["reward"]) if n in ("diversity", "fairness")]
+        need(not group_rewards or (args.group_size >= 2 and args.sample_batch_size % args.group_size == 0),
+             f"--reward {group_rewards[0] if group_rewards else ''} scores each prompt's group of images: set "
+             f"--group-size K >= 2 with K dividing --sample-batch-size {args.sample_batch_size} (Zhang et al.: 16)")
     n_local = args.sample_batch_size * args.sample_batches_per_epoch
     n_trained = int(((args.steps - 1) if args.skip_last_step else args.steps) * args.timestep_fraction)
     need(n_trained >= 1, f"--timestep-fraction {args.timestep_fraction} of {args.steps} steps trains no step; raise it")

@@ -245,6 +245,10 @@ def test_cli_errors(tmp_path):
     assert "on-policy" in cli_error([*FAST, *out, "--loss", "sf", "--optimizer-steps-per-epoch", "2"])
     assert "trains no step" in cli_error([*FAST, *out, "--timestep-fraction", "0.1"])
     assert "KEY=VALUE" in cli_error([*FAST, *out, "--reward-option", "precision"])
+    assert "scores each prompt's group of images" in cli_error([*FAST, *out, "--reward", "fairness"])
+    assert "scores each prompt's group of images" in cli_error([*FAST, *out, "--reward", "diversity", "--group-size",
+                                                                  "4", "--sample-batch-size", "2",
+                                                                  "--sample-batches-per-epoch", "2"])
     if importlib.util.find_spec("wandb") is None:
         assert "wandb package is not installed" in cli_error([*FAST, *out, "--wandb", "proj"])
     assert "no config.json" in cli_error(["--resume", str(tmp_path)])
