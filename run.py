@@ -229,7 +229,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args
     for k, v in {**MODEL_DEFAULTS["sd"], **MODEL_DEFAULTS.get(args.model, {})}.items():
         if getattr(args, k) is None:
-            setattr(args, k, v)
+            # with --task each task brings its own prompts and is evaluated on them: no default evaluation sets
+            setattr(args, k, None if args.task and k in ("eval_prompts", "heldout_prompts") else v)
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.precision is None:
@@ -725,12 +726,13 @@ class Run:
                 "final_eval_reward_mean": final.get("eval_reward_mean"),
                 "initial_heldout_reward_mean": first.get("heldout_reward_mean"),
                 "final_heldout_reward_mean": final.get("heldout_reward_mean"),
-                "initial_eval": {k: v for k, v in first.items() if k.startswith(("eval_", "heldout_"))},
-                "final_eval": {k: v for k, v in final.items() if k.startswith(("eval_", "heldout_"))},
+                "initial_eval": {k: v for k, v in first.items() if re.match(r"(task\d+_)?(eval|heldout)_", k)},
+                "final_eval": {k: v for k, v in final.items() if re.match(r"(task\d+_)?(eval|heldout)_", k)},
                 "minutes": (time.perf_counter() - self.t_start) / 60, "export": self.path("export")})
             if final and self.wandb_run is not None:
                 self.wandb_run.log(final, step=self.args.epochs)
             print(f"done: {self.path('export')}"
-                  + (f", final eval_reward_mean {final['eval_reward_mean']:.4g}" if "eval_reward_mean" in final else ""))
+                  + "".join(f", final {p}eval_reward_mean {final[p + 'eval_reward_mean']:.4g}" for p in self.prefixes
+                            if p + "eval_reward_mean" in final))
         if self.wandb_run is not None:
             self.wandb_run.finish()
