@@ -73,7 +73,9 @@ class Compositional(Reward):
     def __init__(self, model, processor, device="cpu", template: str = "a photo of a {}", chunk_size: int = 16):
         super().__init__()
         self.model = model.to(device).eval()
-        self.processor, self.device, self.template, self.chunk_size = processor, torch.device(device), template, chunk_size
+        self.processor, self.device = processor, torch.device(device)
+        self.template, self.chunk_size = template, chunk_size
+        self.text_length = model.config.text_config.max_position_embeddings
 
     @torch.no_grad()
     def confidences(self, images: torch.Tensor, queries: list[str]) -> torch.Tensor:
@@ -83,8 +85,9 @@ class Compositional(Reward):
         out = []
         for i in range(0, len(pils), self.chunk_size):
             chunk = pils[i:i + self.chunk_size]
-            inputs = self.processor(text=[texts] * len(chunk), images=chunk, return_tensors="pt", padding=True,
-                                    truncation=True)
+            # queries padded to the text tower's length (16 for OWLv2), as it was trained; whatever the tokenizer says
+            inputs = self.processor(text=[texts] * len(chunk), images=chunk, return_tensors="pt", padding="max_length",
+                                    max_length=self.text_length, truncation=True)
             logits = self.model(**{k: v.to(self.device) for k, v in inputs.items()}).logits   # (b, boxes, Q)
             out.append(logits.float().amax(dim=1).sigmoid().cpu())
         return torch.cat(out)

@@ -25,8 +25,8 @@ def tiny_detector(tmp_path_factory):
         model.class_head.logit_scale.bias.fill_(1.0)
     model.save_pretrained(folder)
     tok = clip_tokenizer()
-    tok.model_max_length = 16
-    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok).save_pretrained(folder)
+    image_processor = Owlv2ImageProcessor(size={"height": 64, "width": 64})
+    Owlv2Processor(image_processor=image_processor, tokenizer=tok).save_pretrained(folder)
     return folder
 
 
@@ -60,7 +60,8 @@ def test_reward_is_the_mean_of_each_objects_best_box(tiny_detector):
     for image, prompt in zip(to_uint8(images), prompts):
         conf = []
         for obj in rewards_detect.prompt_objects(prompt):
-            inputs = proc(text=[[f"a photo of a {obj}"]], images=[image], return_tensors="pt")
+            inputs = proc(text=[[f"a photo of a {obj}"]], images=[image], return_tensors="pt", padding="max_length",
+                          max_length=16, truncation=True)
             with torch.no_grad():
                 conf.append(model(**inputs).logits[0, :, 0].max().sigmoid().item())
         want.append(sum(conf) / len(conf))

@@ -412,3 +412,19 @@ def test_task_flag_errors(tmp_path):
                                                           "--eval-prompts", "simple_animals"])
     assert "--group-size 3 must divide the 8 samples" in cli_error(
         [*base, *out, "--task", "jpeg-compressibility@simple_animals@2", "--group-size", "3"])
+
+
+def test_eval_seeds_repeat_each_prompt_with_new_fixed_seeds(tmp_path):
+    """--eval-seeds 3 on 2 evaluation prompts: 6 images, a grid row per prompt (3 columns), the same images in every
+    run (fixed seeds)."""
+    flags = [*FAST, "--epochs", "1", "--eval-every", "1", "--sample-every", "1", "--eval-size", "2", "--eval-seeds",
+             "3", "--grid-size", "6"]
+    for name in ("a", "b"):
+        finish(start(*flags, "--out", str(tmp_path / name), launcher=(sys.executable,)))
+    from PIL import Image
+    grid_a = Image.open(tmp_path / "a" / "samples" / "epoch_0000.png")
+    probe = grid.make_grid(torch.zeros(6, 3, 64, 64), ncols=3)
+    assert grid_a.size[0] == probe.size[0]   # 3 columns of the tiny model's 64 px images
+    assert list(grid_a.getdata()) == list(Image.open(tmp_path / "b" / "samples" / "epoch_0000.png").getdata())
+    row = metrics(tmp_path / "a")[0]
+    assert row["eval_reward_std"] > 0 and row["eval_reward_min"] < row["eval_reward_max"]
