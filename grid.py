@@ -179,13 +179,13 @@ def draw_reward_curve(history: list[dict], title: str) -> Image.Image:
                          if k.startswith("reward_") and k.endswith("_mean") and k != "reward_mean"})
     main += [(f"component {c}", CATEGORY_COLOURS[3 + i % 3], line(f"reward_{c}_mean"), None)
              for i, c in enumerate(components)]
-    panels = [(title, main)]
+    panels = [(title, main)] if any(line for _, _, line, _ in main) else []   # empty in joint training
     tasks = sorted({k.split("_")[0] for r in history for k in r if re.fullmatch(r"task\d+_reward_mean", k)})
     for i, task in enumerate(tasks):   # joint training: a panel per task, its train batch and evaluation
         band = [(r["epoch"], r[f"{task}_reward_mean"] - r[f"{task}_reward_std"],
                  r[f"{task}_reward_mean"] + r[f"{task}_reward_std"]) for r in history
                 if r.get(f"{task}_reward_mean") is not None and r.get(f"{task}_reward_std") is not None]
-        panels.append((f"{task} reward", [("train batch (mean +- std)", CATEGORY_COLOURS[0],
+        panels.append((f"{task} reward - {title}", [("train batch (mean +- std)", CATEGORY_COLOURS[0],
                                            line(f"{task}_reward_mean"), band),
                                           ("eval prompts, fixed seeds", CATEGORY_COLOURS[1],
                                            line(f"{task}_eval_reward_mean"), None)]))
@@ -194,6 +194,7 @@ def draw_reward_curve(history: list[dict], title: str) -> Image.Image:
         if cats:
             panels.append((f"{name} by category", [(c, CATEGORY_COLOURS[i], line(f"{prefix}_{c}"), None)
                                                    for i, c in enumerate(cats)]))
+    panels = panels or [(title, main)]   # nothing logged yet: the empty axes
     W, H = 900, 420
     img = Image.new("RGB", (W, H * len(panels)), "white")
     d = ImageDraw.Draw(img)

@@ -697,7 +697,8 @@ class Run:
                              f"reward ({args.reward}); {then}")
 
     def draw_curve(self, extra: list[dict] = ()) -> None:
-        image = draw_reward_curve(self.history + list(extra), f"{self.args.reward} - {self.args.out}")
+        what = self.args.reward if not self.args.task else ", ".join(self.args.task)
+        image = draw_reward_curve(self.history + list(extra), f"{what} - {self.args.out}")
         self.save_image("reward_curve.png", image)
 
     def save(self, next_epoch: int, global_step: int) -> None:

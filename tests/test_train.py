@@ -400,7 +400,7 @@ def test_joint_training_runs_tasks_in_turn_and_resumes_exactly(tmp_path):
     assert r0["task0_items"] == 16 and r0["task1_items"] == 32      # 4 and 8 samples x 4 steps
     assert r0["global_step"] == 2                                   # one optimizer step per task
     from PIL import Image
-    assert Image.open(tmp_path / "full" / "reward_curve.png").size == (900, 3 * 420)   # + a panel per task
+    assert Image.open(tmp_path / "full" / "reward_curve.png").size == (900, 2 * 420)   # a panel per task
 
 
 def test_task_flag_errors(tmp_path):
