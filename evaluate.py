@@ -29,6 +29,7 @@ import torch
 from cli import DTYPES, PROMPT_SETS, ArgumentParser, fail, load_prompts
 from pretrain_data import PretrainLoss, read_pairs
 from rewards import build_reward, options_from_flags, parse_spec, reward_help
+from run import reward_categories
 from scheduler import DDIMScheduler, SchedulerConfig
 from weights import RUN_SETTINGS, load_finetuned, load_pipeline, run_settings, sample_images
 
@@ -121,8 +122,7 @@ def score_model(pipe, scheduler, rewards: dict, prompts: list[str], args, settin
             out[name]["scores"] += scores.tolist()
             for warning in dict.fromkeys(info.get("warnings", [])):
                 print(f"{label}: {warning}", flush=True)
-            cats = {k: v for d in info.get("details", {}).values() for k, v in d.get("categories", {}).items()}
-            for k, v in cats.items():
+            for k, v in reward_categories(info).items():
                 out[name]["categories"].setdefault(k, []).extend(v.tolist())
     return out
 
@@ -166,8 +166,7 @@ def main(argv=None) -> dict:
                     os.path.join(os.path.expanduser(m), "model_index.json")):
                 raise FileNotFoundError(f"--models {m}: a folder with neither config.json (a train.py run) nor "
                                         "model_index.json (a diffusers model)")
-        if args.pretrain_data:
-            read_pairs(args.pretrain_data)
+        pretrain_pairs = read_pairs(args.pretrain_data) if args.pretrain_data else None
         settings = shared_settings(args)
         options = options_from_flags(args.reward_option, hps_checkpoint=args.hps_checkpoint,
                                      aesthetic_checkpoint=args.aesthetic_checkpoint, clip_path=args.clip_path)
@@ -180,7 +179,7 @@ def main(argv=None) -> dict:
             results[model] = {}
             if args.pretrain_data:   # how far the model has drifted from the data: the regulariser's own target
                 size = settings["size"] or pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-                pre = PretrainLoss(args.pretrain_data, pipe, scheduler, 1.0, 16, size, seed=0, rank=0)
+                pre = PretrainLoss(pretrain_pairs, pipe, scheduler, 1.0, 16, size, seed=0, rank=0)
                 with torch.no_grad():
                     raw["L_pre"] = {"scores": [float(pre(pipe.unet, i)[1]) for i in range(args.pretrain_batches)],
                                     "categories": {}}

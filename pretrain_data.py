@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rewards import resize_shortest_and_crop
 from scheduler import denoising_loss
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -69,29 +70,23 @@ def read_pairs(source: str) -> list[tuple[object, str]]:
 
 
 def load_image(item, size: int) -> tuple[torch.Tensor, str | None]:
-    """(3,size,size) in [-1, 1] (shortest side resized, centre crop) and the shapes caption (None for files)."""
+    """(3,size,size) in [-1, 1] (shortest side resized, centre crop: rewards.resize_shortest_and_crop) and the
+    shapes caption (None for files)."""
     caption = None
     if isinstance(item, int):
         import shapes
         array, caption = shapes.dataset_item(item)
-        image = Image.fromarray(array)
     else:
-        image = Image.open(item).convert("RGB")
-    w, h = image.size
-    s = size / min(w, h)
-    image = image.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = image.size
-    left, top = (w - size) // 2, (h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    return x, caption
+        array = np.asarray(Image.open(item).convert("RGB"))
+    x = torch.from_numpy(np.asarray(array, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return resize_shortest_and_crop(x, size, size)[0] * 2 - 1, caption
 
 
 class PretrainLoss:
     """beta * L_pre on one batch of pairs per optimizer step. __call__(model, step) -> (scaled loss, raw L_pre)."""
 
-    def __init__(self, source: str, pipe, scheduler, beta: float, batch_size: int, size: int, seed: int, rank: int):
-        self.pairs = read_pairs(source)
+    def __init__(self, pairs: list, pipe, scheduler, beta: float, batch_size: int, size: int, seed: int, rank: int):
+        self.pairs = pairs   # read_pairs(source), read once where the flag is checked
         self.pipe, self.scheduler, self.beta, self.batch_size = pipe, scheduler, beta, batch_size
         self.size, self.seed, self.rank = size, seed, rank
 

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 import lora
-from cli import PROMPT_SETS, ArgumentParser
+from cli import PROMPT_SETS, ArgumentParser, load_prompts
 from grid import draw_reward_curve
 from rewards import parse_spec, reward_help
 from weights import DEFAULT_MODEL, load_pipeline
@@ -566,7 +566,7 @@ def task_specs(args: argparse.Namespace) -> list[dict]:
     return tasks
 
 
-def eval_sets(args: argparse.Namespace, load_prompts, task: dict) -> tuple[list[str], list[str], list[str]]:
+def eval_sets(args: argparse.Namespace, task: dict) -> tuple[list[str], list[str], list[str]]:
     """(training prompts, evaluation prompts, held-out prompts) of a task, the two evaluation lists thinned to
     --eval-size prompts and each prompt repeated --eval-seeds times (image i of a set always has the fixed seed
     sample_seed(seed, -1, i), so a repeat is a new fixed seed)."""

@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 import lora
-from cli import DTYPES, fail, load_prompts
+from cli import DTYPES, fail
 from ddpo import (PerPromptStatTracker, Samples, UpdateConfig, batch_advantages, ddpo_update, group_advantages,
                   reference_policy)
 from grid import make_grid, score_label
@@ -315,14 +315,13 @@ def setup(argv: list[str] | None):
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group starts once inputs are checked
         validate(args, world)
         specs = task_specs(args)
-        prompt_sets = [eval_sets(args, load_prompts, spec) for spec in specs]
+        prompt_sets = [eval_sets(args, spec) for spec in specs]
         for spec, sets in zip(specs, prompt_sets):
             if "shapes" in dict(parse_spec(spec["reward"])):   # its prompts must be in the world's grammar
                 import shapes
                 for p in {p for ps in sets for p in ps}:
                     shapes.parse(p)
-        if args.pretrain_data:
-            read_pairs(args.pretrain_data)   # a source that cannot be read fails now
+        pretrain_pairs = read_pairs(args.pretrain_data) if args.pretrain_data else None   # a bad source fails now
         ckpt = resume_checkpoint(args, world)
         reward_options = options_from_flags(args.reward_option, hps_checkpoint=args.hps_checkpoint,
                                             aesthetic_checkpoint=args.aesthetic_checkpoint, clip_path=args.clip_path)
@@ -335,11 +334,11 @@ def setup(argv: list[str] | None):
                  for i, (spec, sets) in enumerate(zip(specs, prompt_sets))]
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         fail("train.py", str(e))
-    return args, tasks, ckpt, rank, world, device, pipe
+    return args, tasks, ckpt, rank, world, device, pipe, pretrain_pairs
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, tasks, ckpt, rank, world, device, pipe = setup(argv)
+    args, tasks, ckpt, rank, world, device, pipe, pretrain_pairs = setup(argv)
     if rank == 0 and (warning := cpu_warning(device, sum(p.numel() for p in pipe.unet.parameters()))):
         print(warning, file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)  # the same initial weights (LoRA A) on every rank
@@ -351,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     trackers = tasks[0].tracker if len(tasks) == 1 else TaskTrackers([task.tracker for task in tasks])
     pretrain_loss = None   # Zhang et al.'s beta * L_pre; its batch of global optimizer step g is a function of g
     if args.pretrain_coef > 0:
-        pretrain_loss = PretrainLoss(args.pretrain_data, pipe, policy.scheduler, args.pretrain_coef,
+        pretrain_loss = PretrainLoss(pretrain_pairs, pipe, policy.scheduler, args.pretrain_coef,
                                      args.pretrain_batch_size, policy.size, args.seed, rank)
     generator = torch.Generator().manual_seed(args.seed)  # shuffles samples and timesteps in the update
     run = Run(args, rank, world, unet=policy.unet, use_lora=policy.use_lora, optimizer=optimizer, tracker=trackers,

@@ -9,7 +9,7 @@ import torch
 
 import evaluate
 import lora
-from pretrain_data import PretrainLoss
+from pretrain_data import PretrainLoss, read_pairs
 from rewards import build_reward
 from scheduler import DDIMScheduler, SchedulerConfig
 from weights import load_finetuned, load_pipeline, sample_images
@@ -58,7 +58,7 @@ def test_table_equals_a_direct_computation(fake_run, tmp_path):
     assert got["mean"] == pytest.approx(statistics.mean(want))
     assert got["se"] == pytest.approx(statistics.stdev(want) / math.sqrt(6))
     # L_pre: the regulariser's eps-MSE on the same fixed batches (seed 0, steps 0 and 1) for every model
-    pre = PretrainLoss("shapes", pipe, sched, 1.0, 16, 32, seed=0, rank=0)
+    pre = PretrainLoss(read_pairs("shapes"), pipe, sched, 1.0, 16, 32, seed=0, rank=0)
     with torch.no_grad():
         want_pre = [float(pre(pipe.unet, i)[1]) for i in range(2)]
     assert table["results"][str(fake_run)]["L_pre"]["scores"] == pytest.approx(want_pre, rel=1e-5)

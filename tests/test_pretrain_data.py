@@ -56,11 +56,11 @@ def test_sources_and_their_errors(tmp_path):
 def test_batches_are_a_function_of_the_step_and_the_loss_is_the_eps_mse():
     pipe = load_pipeline("shapes")
     sched = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), 20)
-    loss = pretrain_data.PretrainLoss("shapes", pipe, sched, 0.5, 3, 32, seed=1, rank=0)
+    loss = pretrain_data.PretrainLoss(pretrain_data.read_pairs("shapes"), pipe, sched, 0.5, 3, 32, seed=1, rank=0)
     a, b, c = loss.batch(10), loss.batch(10), loss.batch(11)
     assert all(torch.equal(u, v) for u, v in zip(a, b))          # resume-exact: no sampler state to save
     assert not torch.equal(a[0], c[0]) or not torch.equal(a[2], c[2])
-    other_rank = pretrain_data.PretrainLoss("shapes", pipe, sched, 0.5, 3, 32, seed=1, rank=1).batch(10)
+    other_rank = pretrain_data.PretrainLoss(pretrain_data.read_pairs("shapes"), pipe, sched, 0.5, 3, 32, seed=1, rank=1).batch(10)
     assert not torch.equal(a[3], other_rank[3])                  # each rank its own pairs and noise
     scaled, raw = loss(pipe.unet, 10)
     want = denoising_loss(pipe.unet, sched, *a)
