@@ -5,13 +5,16 @@ trained with the "simple" DDPM objective  E || eps - eps_theta(x_t, t, tau(y)) |
 x_t (B,4,h,w) goes down through resnet(+cross-attention) levels, through a middle block and back up with
 skip connections; the timestep enters every resnet as a sinusoidal embedding (Ho et al. 2020), the text
 context c enters every transformer via cross-attention softmax(Q K^T / sqrt(d)) V (Vaswani et al. 2017).
-Covers SD 1.x (conv proj_in/out, 8 heads, 768-wide context) and SD 2.x (linear proj_in/out, head dim 64,
-1024-wide context, fp16-safe attention for 2.1-v). Every module is named after diffusers'
-UNet2DConditionModel keys, so a diffusers state_dict loads with load_state_dict(strict=True) and no mapping.
+Covers SD 1.x (conv proj_in/out, 8 heads, 768-wide context), SD 2.x (linear proj_in/out, head dim 64,
+1024-wide context, fp16-safe attention for 2.1-v) and SDXL (Podell et al. 2023): three levels, the first without
+attention, 1/2/10 transformer blocks per level, a 2048-wide context, and "micro-conditioning": the pooled text
+embedding and six size/crop numbers (time ids) are embedded and added to the timestep embedding. Every module is
+named after diffusers' UNet2DConditionModel keys, so a diffusers state_dict loads with
+load_state_dict(strict=True) and no mapping.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -28,17 +31,19 @@ _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 _FIXED = {
     "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1, "mid_block_scale_factor": 1,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False, "dual_cross_attention": False,
-    "transformer_layers_per_block": 1, "reverse_transformer_layers_per_block": None, "dropout": 0.0,
+    "reverse_transformer_layers_per_block": None, "dropout": 0.0,
     "encoder_hid_dim": None, "encoder_hid_dim_type": None, "class_embed_type": None, "num_class_embeds": None,
-    "addition_embed_type": None, "class_embeddings_concat": False, "resnet_time_scale_shift": "default",
+    "class_embeddings_concat": False, "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "time_embedding_type": "positional",
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
-    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None, "attention_type": "default",
+    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3, "attention_type": "default",
     "mid_block_only_cross_attention": None, "cross_attention_norm": None,
 }
-# diffusers keys that only matter together with a feature rejected above (their defaults are harmless)
-_IGNORED = {"addition_time_embed_dim", "addition_embed_type_num_heads"}
+# diffusers keys that only matter together with a feature rejected above (their defaults are harmless):
+# the heads of addition_embed_type "text" (Kandinsky-style), which SDXL's "text_time" does not use
+_IGNORED = {"addition_embed_type_num_heads"}
+# added embeddings we implement: None (SD 1.x/2.x) and SDXL's pooled text + size/crop "time ids"
+_ADDITION_TYPES = (None, "text_time")
 
 
 def _off(v) -> bool:
@@ -72,16 +77,40 @@ class UNetConfig:
     sample_size: int = 64
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # transformer blocks in each attention of a level (SDXL: 1, 2, 10); the mid block uses the last level's
+    # count and the up levels the reversed list, as diffusers builds them
+    transformer_layers_per_block: tuple = 1   # an int: the same on every level
+    # SDXL's added conditioning ("text_time"): the 6 time ids through the sinusoidal embedding of width
+    # addition_time_embed_dim (256), concatenated after the pooled text embedding (1280), give
+    # projection_class_embeddings_input_dim (2816) inputs to add_embedding, whose output is added to the time
+    # embedding. None for SD 1.x/2.x.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
-        if isinstance(self.num_attention_heads, int):
-            self.num_attention_heads = (self.num_attention_heads,) * n
-        for name in ("block_out_channels", "down_block_types", "up_block_types", "num_attention_heads"):
+        for name in ("num_attention_heads", "transformer_layers_per_block"):
+            if isinstance(getattr(self, name), int):
+                setattr(self, name, (getattr(self, name),) * n)
+        for name in ("block_out_channels", "down_block_types", "up_block_types", "num_attention_heads",
+                     "transformer_layers_per_block"):
             setattr(self, name, tuple(getattr(self, name)))
             if len(getattr(self, name)) != n:
                 raise ValueError(f"unet.py: UNetConfig.{name} has {len(getattr(self, name))} entries but "
                                  f"block_out_channels has {n}; give one per level")
+        if not all(isinstance(k, int) and k >= 1 for k in self.transformer_layers_per_block):
+            raise ValueError(f"unet.py: transformer_layers_per_block={list(self.transformer_layers_per_block)} must "
+                             "be one positive int per level (per-layer lists are not supported)")
+        if self.addition_embed_type not in _ADDITION_TYPES:
+            raise ValueError(f"unet.py: addition_embed_type={self.addition_embed_type!r} is not supported; only "
+                             "SDXL's 'text_time' (or none) is implemented")
+        if self.addition_embed_type == "text_time":
+            dim, total = self.addition_time_embed_dim, self.projection_class_embeddings_input_dim
+            if not isinstance(dim, int) or not isinstance(total, int) or total <= 6 * dim:
+                raise ValueError(f"unet.py: addition_embed_type 'text_time' needs addition_time_embed_dim (SDXL: 256) "
+                                 f"and projection_class_embeddings_input_dim = pooled width + 6 * that (SDXL: 2816), "
+                                 f"got {dim} and {total}")
         if not set(self.down_block_types) <= set(_DOWN_TYPES) or not set(self.up_block_types) <= set(_UP_TYPES):
             raise ValueError(f"unet.py: unsupported block types {self.down_block_types} / {self.up_block_types}; "
                              f"use {_DOWN_TYPES} for down blocks and {_UP_TYPES} for up blocks")
@@ -127,6 +156,12 @@ class UNetConfig:
             if isinstance(v, tuple):
                 d[k] = list(v)
         d["attention_head_dim"] = d.pop("num_attention_heads")   # the naming bug, see from_dict
+        # SD's config.json stays as it was before SDXL support: the SDXL keys only when they are in use
+        if self.addition_embed_type is None:
+            for k in ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                del d[k]
+        if set(self.transformer_layers_per_block) == {1}:
+            del d["transformer_layers_per_block"]
         d.update(act_fn="silu", center_input_sample=False, downsample_padding=1, mid_block_scale_factor=1,
                  mid_block_type="UNetMidBlock2DCrossAttn")   # diffusers' defaults, written out as the hub files do
         return d
@@ -138,10 +173,82 @@ class UNetConfig:
             "sd15": dict(),
             "sd21-base": sd2,
             "sd21-v": dict(sd2, upcast_attention=True, sample_size=96),
+            # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (heads: 64 wide; level 0 has none)
+            "sdxl-base": dict(block_out_channels=(320, 640, 1280), num_attention_heads=(5, 10, 20),
+                              down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                              transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                              use_linear_projection=True, sample_size=128, addition_embed_type="text_time",
+                              addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
         }
         if name not in presets:
             raise ValueError(f"unet.py: unknown preset {name!r}; choose one of {sorted(presets)}")
         return cls(**presets[name])
+
+
+# -----------------------------------------------------------------------------------------------------------
+# SDXL's conditioning: token embeddings plus the added conditioning, carried as one batch
+
+
+@dataclass
+class Conditioning:
+    """What an SDXL UNet is conditioned on, as one object that samplers and the trainer move around like the
+    (B,77,D) embedding tensor of SD 1.x/2.x: `c[idx]`, `c.expand(B, *c.shape[1:])`, `c.to(device or dtype)`,
+    `torch.cat([u, c])`, `c.shape` / `c.dtype` / `c.device` (those of the token embeddings) act on the batch
+    dimension of every field. So CFG (cat of uncond and cond), batch slicing and the DDPO update carry the added
+    conditioning without a code path of their own; UNet2DConditionModel.forward accepts it in place of the tensor.
+
+    embeds (B,77,2048): both text encoders' penultimate hidden states, concatenated on the feature axis;
+    text_embeds (B,1280): text_encoder_2's pooled, projected embedding; time_ids (B,6): original size (h, w),
+    crop top-left (top, left), target size (h, w) in pixels. Field names are diffusers' added_cond_kwargs keys."""
+    embeds: torch.Tensor
+    text_embeds: torch.Tensor
+    time_ids: torch.Tensor
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(*(fn(getattr(self, f.name)) for f in fields(self)))
+
+    @property
+    def added_cond_kwargs(self) -> dict:
+        return {"text_embeds": self.text_embeds, "time_ids": self.time_ids}
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.embeds.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embeds.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeds.device
+
+    def __len__(self) -> int:
+        return len(self.embeds)
+
+    def __getitem__(self, idx) -> "Conditioning":
+        assert not isinstance(idx, tuple), "index a Conditioning on its batch dimension only"
+        return self._map(lambda v: v[idx])
+
+    def expand(self, batch: int, *rest) -> "Conditioning":
+        """Broadcast a batch of 1 to `batch`; `rest` is the token embeddings' trailing shape (Tensor.expand style)."""
+        assert all(r in (-1, s) for r, s in zip(rest, self.embeds.shape[1:])), (rest, tuple(self.embeds.shape))
+        return self._map(lambda v: v.expand(batch, *v.shape[1:]))
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return self._map(lambda v: v.to(*args, **kwargs))   # time ids too: diffusers keeps them in the embeds' dtype
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        # only torch.cat along the batch, which CFG and the trainer use; anything else is a bug, not a silent no-op
+        kwargs = kwargs or {}
+        if func is not torch.cat or kwargs.get("dim", args[1] if len(args) > 1 else 0) != 0:
+            raise TypeError(f"unet.Conditioning supports torch.cat along dim 0 only, not {func.__name__}")
+        parts = list(args[0])
+        if not all(isinstance(p, Conditioning) for p in parts):
+            raise TypeError("torch.cat: cannot mix unet.Conditioning (SDXL) with plain embedding tensors")
+        return Conditioning(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)))
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -253,9 +360,9 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """Image (B,C,H,W) -> H*W tokens -> transformer block -> image, plus a residual ("SpatialTransformer")."""
+    """Image (B,C,H,W) -> H*W tokens -> transformer block(s) -> image, plus a residual ("SpatialTransformer")."""
 
-    def __init__(self, dim: int, heads: int, cfg: UNetConfig):
+    def __init__(self, dim: int, heads: int, cfg: UNetConfig, layers: int = 1):
         super().__init__()
         self.linear = cfg.use_linear_projection
         self.norm = nn.GroupNorm(cfg.norm_num_groups, dim, eps=1e-6)   # 1e-6 here, not norm_eps
@@ -263,7 +370,7 @@ class Transformer2DModel(nn.Module):
         proj = nn.Linear if self.linear else (lambda i, o: nn.Conv2d(i, o, 1))
         self.proj_in = proj(dim, dim)
         self.transformer_blocks = nn.ModuleList(
-            [BasicTransformerBlock(dim, heads, cfg.cross_attention_dim, cfg.upcast_attention)])
+            [BasicTransformerBlock(dim, heads, cfg.cross_attention_dim, cfg.upcast_attention) for _ in range(layers)])
         self.proj_out = proj(dim, dim)
 
     def forward(self, x, context):
@@ -329,43 +436,65 @@ class UNet2DConditionModel(nn.Module):
         ch, n, L = cfg.block_out_channels, len(cfg.block_out_channels), cfg.layers_per_block
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(ch[0], 4 * ch[0])
+        if cfg.addition_embed_type == "text_time":   # SDXL: [pooled text, time-id embeddings] -> + time embedding
+            self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, 4 * ch[0])
 
         res = lambda cin, cout: ResnetBlock2D(cin, cout, 4 * ch[0], cfg.norm_num_groups, cfg.norm_eps)
-        attn = lambda c, heads, k: [Transformer2DModel(c, heads, cfg) for _ in range(k)]
+        attn = lambda c, heads, k, depth: [Transformer2DModel(c, heads, cfg, depth) for _ in range(k)]
+        depth = cfg.transformer_layers_per_block
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(cfg.down_block_types):
             cin = ch[max(i - 1, 0)]
             self.down_blocks.append(UNetBlock(
                 [res(cin if j == 0 else ch[i], ch[i]) for j in range(L)],
-                attn(ch[i], cfg.num_attention_heads[i], L) if kind.startswith("CrossAttn") else None,
+                attn(ch[i], cfg.num_attention_heads[i], L, depth[i]) if kind.startswith("CrossAttn") else None,
                 downsample=Downsample2D(ch[i]) if i < n - 1 else None))
         self.mid_block = UNetBlock([res(ch[-1], ch[-1]), res(ch[-1], ch[-1])],
-                                   attn(ch[-1], cfg.num_attention_heads[-1], 1))
+                                   attn(ch[-1], cfg.num_attention_heads[-1], 1, depth[-1]))
 
         # Up level i (deepest first) has L+1 resnets; resnet j sees cat(h, skip), where the skips come back in
         # reverse push order: the L outputs of the matching down level, then that level's input.
         self.up_blocks = nn.ModuleList()
-        rch, rheads = ch[::-1], cfg.num_attention_heads[::-1]
+        rch, rheads, rdepth = ch[::-1], cfg.num_attention_heads[::-1], depth[::-1]
         for i, kind in enumerate(cfg.up_block_types):
             skip = [rch[i]] * L + [rch[min(i + 1, n - 1)]]
             cins = [(rch[max(i - 1, 0)] if j == 0 else rch[i]) + skip[j] for j in range(L + 1)]
             self.up_blocks.append(UNetBlock(
                 [res(cin, rch[i]) for cin in cins],
-                attn(rch[i], rheads[i], L + 1) if kind.startswith("CrossAttn") else None,
+                attn(rch[i], rheads[i], L + 1, rdepth[i]) if kind.startswith("CrossAttn") else None,
                 upsample=Upsample2D(rch[i]) if i < n - 1 else None))
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, ch[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def _text_time(self, added: dict | None, B: int, dtype: torch.dtype) -> torch.Tensor:
+        """SDXL's add_embedding input (B, P + 6*d): [pooled text embedding, sinusoidal embedding of each time id]."""
+        assert added is not None and "text_embeds" in added and "time_ids" in added, \
+            "an SDXL UNet needs the added conditioning: added_cond_kwargs={'text_embeds', 'time_ids'} or a Conditioning"
+        text, ids = added["text_embeds"], added["time_ids"]
+        d = self.config.addition_time_embed_dim
+        assert text.shape[0] == ids.shape[0] == B and text.shape[-1] + ids.shape[-1] * d == \
+            self.config.projection_class_embeddings_input_dim, \
+            f"added conditioning text_embeds {tuple(text.shape)} + time_ids {tuple(ids.shape)} do not fit the UNet"
+        # each of the 6 numbers (sizes in pixels, not timesteps) gets the same cos-first fp32 embedding as t
+        time = timestep_embedding(ids.flatten(), d, self.config.flip_sin_to_cos, self.config.freq_shift)
+        return torch.cat([text.to(dtype), time.reshape(B, -1).to(dtype)], dim=-1)
 
     def _run(self, module: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)   # recompute in backward, save memory
         return module(*args)
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor | Conditioning,
+                added_cond_kwargs: dict | None = None) -> torch.Tensor:
         """sample (B,C,h,w) any h,w; timestep scalar or (B,); encoder_hidden_states (B,T,D) -> (B,C_out,h,w).
-        sample and context are cast to the model's dtype (samplers keep fp32 latents for a bf16/fp16 UNet)."""
+        sample and context are cast to the model's dtype (samplers keep fp32 latents for a bf16/fp16 UNet).
+        SDXL ("text_time") also needs added_cond_kwargs {"text_embeds": (B,P), "time_ids": (B,6)}, as in diffusers,
+        or a Conditioning in place of encoder_hidden_states, which carries both."""
+        if isinstance(encoder_hidden_states, Conditioning):
+            assert added_cond_kwargs is None, "pass a Conditioning or added_cond_kwargs, not both"
+            encoder_hidden_states, added_cond_kwargs = encoder_hidden_states.embeds, encoder_hidden_states.added_cond_kwargs
         cfg, B = self.config, sample.shape[0]
         assert sample.ndim == 4 and sample.shape[1] == cfg.in_channels, \
             f"sample must be (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}"
@@ -380,6 +509,8 @@ class UNet2DConditionModel(nn.Module):
         sample, ctx = sample.to(dtype), encoder_hidden_states.to(dtype)
         emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(emb.to(dtype))   # (B, 4*C0)
+        if cfg.addition_embed_type == "text_time":
+            emb = emb + self.add_embedding(self._text_time(added_cond_kwargs, B, dtype))
 
         h = self.conv_in(sample)
         skips = [h]

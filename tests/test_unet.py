@@ -255,7 +255,8 @@ def test_to_dict_round_trips_through_diffusers(name):
 
 
 @pytest.mark.parametrize("key,value", [
-    ("addition_embed_type", "text_time"), ("class_embed_type", "timestep"), ("transformer_layers_per_block", 2),
+    ("addition_embed_type", "text"), ("class_embed_type", "timestep"), ("transformer_layers_per_block", [[1, 2]] * 4),
+    ("addition_embed_type", "text_time"),   # without the sizes of its embedding
     ("time_cond_proj_dim", 256), ("only_cross_attention", [True, False, False, False]), ("my_new_knob", 1),
 ])
 def test_from_dict_rejects_unsupported_features(key, value):
