@@ -7,6 +7,7 @@ tensor (B,) on the images' device plus an info dict. Each model reward follows i
     hps        HPSv2 (Wu et al. 2023)    r = < f_I(x)/|f_I(x)| , f_T(c)/|f_T(c)| >         open_clip ViT-H-14, no scale
     aesthetic  LAION aesthetic v2        r = w . e + b,  e = g_I(x)/|g_I(x)|                CLIP ViT-L/14 + linear MLP
     pickscore  PickScore (Kirstain 2023) r = exp(s) < f_I(x)/|f_I(x)| , f_T(c)/|f_T(c)| >   CLIP ViT-H/14, learned s
+    imagereward  ImageReward (Xu 2023)   r = (MLP(h) - 0.167) / 1.033, h = BERT(c | ViT-L/16(x))[CLS]  BLIP + MLP
     jpeg-*     DDPO compressibility      r = -/+ |JPEG_q95(x)| / 1000                       kB (1 kB = 1000 bytes)
     shapes     the shapes world          r = mean of the caption's atoms (object, count, relation, clean)  exact
     diversity  group diversity           r = 1/(n(n-1)) sum_{i!=j} (1 - cos(e_i, e_j))      shared by the group
@@ -51,6 +52,7 @@ from PIL import Image
 import hub
 import rewards_detect
 import rewards_http
+import rewards_imagereward
 from reward_base import (Reward, RewardWarning, drop_nonfinite, finite_mask, prompt_groups,  # noqa: F401 (re-exported)
                          quantize, to_uint8)
 
@@ -59,6 +61,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2.0": "HPS_v2_compressed.pt"}
 AESTHETIC_REPO, AESTHETIC_FILE = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"
+IMAGEREWARD_REPO, IMAGEREWARD_FILE = "THUDM/ImageReward", "ImageReward.pt"
 
 
 # the interface and shared helpers live in reward_base.py (re-exported here: rewards.Reward etc.)
@@ -554,6 +557,8 @@ REWARDS: dict[str, str] = {  # name -> one line for --help
     "hps-v2.0": "HPSv2.0 (xswu/HPSv2 HPS_v2_compressed.pt); not comparable with v2.1 scores",
     "aesthetic": "LAION aesthetic predictor v2 on CLIP ViT-L/14 (DDPO), ~5-6 for SD images",
     "pickscore": "PickScore_v1: exp(logit_scale) x CLIP ViT-H/14 cosine, ~18-23",
+    "imagereward": "ImageReward v1.0: BLIP's BERT cross-attending to ViT-L/16 image tokens, an MLP, normalised "
+                   "(~N(0,1); SD 1.4 ~0.13); rewards_imagereward.py",
     "jpeg-compressibility": "minus the JPEG (q95) size in kB: rewards simple, smooth images (DDPO)",
     "jpeg-incompressibility": "the JPEG (q95) size in kB: rewards detailed, textured images (DDPO)",
     "shapes": "the shapes world's exact compositional score in [0, 1]: objects, counts, relations (shapes.py)",
@@ -580,6 +585,11 @@ OPTIONS: dict[str, tuple[type, object, str]] = {  # name -> (type, default, help
     "aesthetic_checkpoint": (str, None, f"local aesthetic MLP .pth (default: hub {AESTHETIC_REPO})"),
     "pickscore_path": (str, "yuvalkirstain/PickScore_v1", "PickScore CLIPModel: hub id or local folder"),
     "pickscore_processor": (str, "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "PickScore processor: hub id or folder"),
+    "imagereward_checkpoint": (str, None, f"local ImageReward.pt (default: hub {IMAGEREWARD_REPO})"),
+    "imagereward_tokenizer": (str, "bert-base-uncased", "ImageReward's BERT WordPiece tokenizer: hub id, local folder "
+                                                        "or vocab.txt"),
+    "imagereward_config": (str, None, "JSON of ImageRewardConfig fields over the v1.0 architecture (tests use a "
+                                      "tiny one)"),
     "ranker_url": (str, None, "base URL of an OpenAI-compatible API, e.g. http://localhost:8000/v1"),
     "ranker_model": (str, None, "model name sent to the ranker endpoint"),
     "ranker_api_key_env": (str, "OPENAI_API_KEY", "environment variable holding the ranker API key (if set)"),
@@ -704,6 +714,8 @@ def _build_one(name: str, device: torch.device, o: dict, shared: dict) -> Reward
         return Diversity(shared["clip"])
     if name == "pickscore":
         return PickScore(o["pickscore_path"], o["pickscore_processor"], device, **knobs)
+    if name == "imagereward":
+        return _build_imagereward(device, o, knobs)
     if name.startswith("jpeg-"):
         return JPEG(-1 if name == "jpeg-compressibility" else 1)
     if name == "shapes":
@@ -742,6 +754,54 @@ def _build_fairness(device: torch.device, o: dict, shared: dict, knobs: dict, ht
     if "clip" not in shared:  # the same CLIP ViT-L/14 as aesthetic and diversity
         shared["clip"] = ClipImageEncoder(o["clip_path"], device, **knobs)
     return Fairness(len(attributes), encoder=shared["clip"], attributes=attributes)
+
+
+def _build_imagereward(device: torch.device, o: dict, knobs: dict) -> rewards_imagereward.ImageReward:
+    cfg_path = o["imagereward_config"]
+    if cfg_path and not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"rewards.py: imagereward_config={cfg_path!r} is not a file; pass a JSON of "
+                                f"ImageRewardConfig fields, or leave it out for the v1.0 architecture")
+    try:
+        config = rewards_imagereward.ImageRewardConfig.from_json(cfg_path) if cfg_path else \
+            rewards_imagereward.ImageRewardConfig()
+    except (ValueError, TypeError) as e:   # bad JSON, unknown field names
+        raise ValueError(f"rewards.py: imagereward_config={cfg_path!r}: {e}") from None
+    path = o["imagereward_checkpoint"] or _hub_file(IMAGEREWARD_REPO, IMAGEREWARD_FILE, "imagereward_checkpoint")
+    try:
+        sd = _torch_load(path, "imagereward_checkpoint")
+    except FileNotFoundError:
+        raise
+    except Exception as e:   # torch's weights_only refusal is a paragraph; one line instead
+        raise ValueError(f"rewards.py: imagereward_checkpoint={path!r} cannot be read by torch.load(weights_only=True) "
+                         f"({type(e).__name__}); pass THUDM/ImageReward's {IMAGEREWARD_FILE}") from None
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise ValueError(f"rewards.py: {path} is not an ImageReward checkpoint (expected a state dict of tensors); "
+                         f"pass imagereward_checkpoint={IMAGEREWARD_FILE} from the hub repo {IMAGEREWARD_REPO}")
+    # built on the meta device and given storage on the device without a random init (1.8 GB fp32 that the load
+    # overwrites); _load_strict checks that every key of the model is in the file before it copies
+    with torch.device("meta"):
+        model = rewards_imagereward.ImageRewardModel(config)
+    model = model.to_empty(device=device)
+    _load_strict(model, sd, f"ImageReward checkpoint {path}",
+                 "imagereward_checkpoint (THUDM/ImageReward's ImageReward.pt) and imagereward_config")
+    return rewards_imagereward.ImageReward(model, _bert_tokenizer(o["imagereward_tokenizer"], config.vocab_size),
+                                           device, **knobs)
+
+
+def _bert_tokenizer(path: str, vocab_size: int):
+    """bert-base-uncased WordPiece from a hub id, a folder or a vocab.txt, with BLIP's [DEC] and [ENC] added."""
+    from transformers import BertTokenizer
+    if os.path.isfile(path):   # positional: `vocab` in transformers 5, `vocab_file` in 4 (5 ignores vocab_file=)
+        tokenizer = BertTokenizer(path)
+    else:
+        tokenizer = _from_pretrained(BertTokenizer, path, "imagereward_tokenizer")
+    rewards_imagereward.add_blip_tokens(tokenizer)
+    # transformers 5 gives a 5-token vocabulary instead of an error when bert-base-uncased is not in the cache
+    if len(tokenizer) != vocab_size:
+        raise ValueError(f"rewards.py: the ImageReward tokenizer from imagereward_tokenizer={path!r} has "
+                         f"{len(tokenizer)} tokens with [DEC] and [ENC], the model's vocabulary {vocab_size}; pass "
+                         f"{_how_to_pass('imagereward_tokenizer')}, PATH bert-base-uncased's folder or its vocab.txt")
+    return tokenizer
 
 
 def build_reward(spec: str, device="cpu", **options) -> Reward:
