@@ -214,96 +214,139 @@ def build_models(arch: str, device, dtype):
     return fill(unet), fill(vae).to(dtype), ctx
 
 
-def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dtype, peak) -> list[Row]:
+@dataclass
+class Bench:
+    """One configuration's models and inputs, shared by its phases: ours and (unless --no-reference) the diffusers
+    reference with the same weights, the DDIM schedule, the conditioning, and how to time (R: measure's keywords)."""
+    args: object
+    unet: torch.nn.Module
+    net: object                    # our UNet as called in the rollout (compiled with --compile)
+    vae: torch.nn.Module
+    dunet: torch.nn.Module | None
+    dvae: torch.nn.Module | None
+    dsched: object
+    sched: DDIMScheduler
+    cond: torch.Tensor             # (B, 77, D)
+    uncond: torch.Tensor           # (1, 77, D)
+    size: int
+    batch: int
+    steps: int
+    dtype: torch.dtype
+    device: torch.device
+    R: dict
+    rows: list
+
+    @property
+    def h(self) -> int:
+        return self.size // 8
+
+    @property
+    def low(self):   # the update's autocast dtype argument (None: fp32)
+        return self.dtype if self.dtype != torch.float32 else None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def setup_bench(args, arch: str, size: int, batch: int, steps: int, device, dtype) -> Bench:
     torch.manual_seed(0)
     unet, vae, ctx_dim = build_models(arch, device, dtype)
-    frozen_dtype = dtype  # LoRA base weights may be low precision; full fine-tuning keeps fp32 master weights
-    new_autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
-    autocast = new_autocast()  # the reference update's context (ref_update enters it per micro-step)
-    h = size // 8
     cond = torch.randn(batch, 77, ctx_dim, device=device, dtype=dtype)
     uncond = torch.randn(1, 77, ctx_dim, device=device, dtype=dtype)
     sched = DDIMScheduler(SchedulerConfig(), num_steps=steps, device=device)
-    seeds = list(range(batch))
-    rows: list[Row] = []
-    R = dict(device=device, repeat=args.repeat, autocast=new_autocast)
-    print(f"\n== {arch} UNet, {size}x{size} px (latent {h}x{h}), batch {batch} (x2 CFG), {steps} steps, "
-          f"{str(dtype).replace('torch.', '')}, {device.type} ==")
-
-    dunet = dvae = None
+    dunet = dvae = dsched = None
     if not args.no_reference:
         import diffusers  # test-time reference only, never imported by the package
         dunet = diffusers.UNet2DConditionModel.from_config(unet.config.to_dict())
         dunet.load_state_dict(unet.state_dict())
         dvae = diffusers.AutoencoderKL.from_config(vae.config.to_dict())
         dvae.load_state_dict(vae.state_dict())
-        dunet, dvae = dunet.to(device, frozen_dtype).eval(), dvae.to(device, dtype).eval()
+        dunet, dvae = dunet.to(device, dtype).eval(), dvae.to(device, dtype).eval()
         dsched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                          steps_offset=1, set_alpha_to_one=False, clip_sample=False)
         dsched.set_timesteps(steps, device=device)
-    unet = unet.to(frozen_dtype).eval()
+    # LoRA base weights may be low precision; full fine-tuning keeps fp32 master weights (bench_update)
+    unet = unet.to(dtype).eval()
     if args.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     net = torch.compile(unet, dynamic=False) if args.compile else unet
+    b = Bench(args, unet, net, vae, dunet, dvae, dsched, sched, cond, uncond, size, batch, steps, dtype, device,
+              R={}, rows=[])
+    b.R = dict(device=device, repeat=args.repeat, autocast=b.autocast)
+    return b
 
-    # (a) UNet forward on the CFG batch
-    x2 = torch.randn(2 * batch, 4, h, h, device=device, dtype=dtype)
-    t2 = torch.full((2 * batch,), 501, device=device)
-    c2 = torch.cat([uncond.expand(batch, -1, -1), cond])
-    f_fwd = count_flops(lambda: unet(x2, t2, c2))
+
+def bench_forward(b: Bench) -> float:
+    """(a) one UNet forward on the CFG batch; its FLOPs."""
+    x2 = torch.randn(2 * b.batch, 4, b.h, b.h, device=b.device, dtype=b.dtype)
+    t2 = torch.full((2 * b.batch,), 501, device=b.device)
+    c2 = torch.cat([b.uncond.expand(b.batch, -1, -1), b.cond])
+    f_fwd = count_flops(lambda: b.unet(x2, t2, c2))
     with torch.no_grad():
-        rows.append(measure("unet forward", "ours", lambda: net(x2, t2, c2), units=2 * batch, unit="img", flops=f_fwd, **R))
-        if dunet is not None:
-            rows.append(measure("unet forward", "diffusers", lambda: dunet(x2, t2, encoder_hidden_states=c2).sample,
-                                units=2 * batch, unit="img", flops=f_fwd, **R))
+        b.rows.append(measure("unet forward", "ours", lambda: b.net(x2, t2, c2), units=2 * b.batch, unit="img",
+                              flops=f_fwd, **b.R))
+        if b.dunet is not None:
+            b.rows.append(measure("unet forward", "diffusers", lambda: b.dunet(x2, t2, encoder_hidden_states=c2).sample,
+                                  units=2 * b.batch, unit="img", flops=f_fwd, **b.R))
+    return f_fwd
 
-    # (b) rollout: N CFG steps with log-probs
-    f_roll = steps * f_fwd
-    rows.append(measure("rollout", "ours", lambda: rollout(net, vae, sched, cond, uncond, guidance=5.0, eta=1.0,
-                                                            seeds=seeds, decode=False, height=size, width=size),
-                        units=batch, unit="img", flops=f_roll, **R))
-    if dunet is not None:
-        x0 = torch.randn(batch, 4, h, h, device=device, dtype=dtype)
-        nz = torch.randn(batch, steps, 4, h, h, device=device, dtype=dtype)
+
+def our_rollout(b: Bench, model, decode: bool = False):
+    return rollout(model, b.vae, b.sched, b.cond, b.uncond, guidance=5.0, eta=1.0, seeds=list(range(b.batch)),
+                   decode=decode, height=b.size, width=b.size, vae_chunk=8)
+
+
+def bench_rollout(b: Bench, f_roll: float, x0, nz) -> None:
+    """(b) N CFG steps with log-probs, no decode."""
+    b.rows.append(measure("rollout", "ours", lambda: our_rollout(b, b.net), units=b.batch, unit="img", flops=f_roll,
+                          **b.R))
+    if b.dunet is not None:
         with torch.no_grad():
-            rows.append(measure("rollout", "diffusers", lambda: ref_rollout(dunet, dsched, cond, uncond, x0, nz, 5.0, 1.0),
-                                units=batch, unit="img", flops=f_roll, **R))
+            b.rows.append(measure("rollout", "diffusers", lambda: ref_rollout(b.dunet, b.dsched, b.cond, b.uncond, x0,
+                                                                              nz, 5.0, 1.0),
+                                  units=b.batch, unit="img", flops=f_roll, **b.R))
 
-    # (c) VAE decode
-    lat = torch.randn(batch, 4, h, h, device=device)
-    f_dec = count_flops(lambda: vae.decode_latents(lat.to(dtype)))
+
+def bench_decode(b: Bench) -> float:
+    """(c) VAE decode of B latents; its FLOPs."""
+    lat = torch.randn(b.batch, 4, b.h, b.h, device=b.device)
+    f_dec = count_flops(lambda: b.vae.decode_latents(lat.to(b.dtype)))
     with torch.no_grad():
-        rows.append(measure("vae decode", "ours", lambda: vae.decode_latents(lat.to(dtype), chunk_size=8),
-                            units=batch, unit="img", flops=f_dec, **R))
-        if dvae is not None:
-            rows.append(measure("vae decode", "diffusers",
-                                lambda: (dvae.decode(lat.to(dtype) / 0.18215).sample / 2 + 0.5).clamp(0, 1).float(),
-                                units=batch, unit="img", flops=f_dec, **R))
+        b.rows.append(measure("vae decode", "ours", lambda: b.vae.decode_latents(lat.to(b.dtype), chunk_size=8),
+                              units=b.batch, unit="img", flops=f_dec, **b.R))
+        if b.dvae is not None:
+            b.rows.append(measure("vae decode", "diffusers",
+                                  lambda: (b.dvae.decode(lat.to(b.dtype) / 0.18215).sample / 2 + 0.5).clamp(0, 1).float(),
+                                  units=b.batch, unit="img", flops=f_dec, **b.R))
+    return f_dec
 
-    # (d) PPO update over B samples x N steps; one optimizer step per epoch keeps both loops comparable
-    with new_autocast():  # as train.py: the stored log-probs come from the same autocast as the update's
-        traj = rollout(net, vae, sched, cond, uncond, guidance=5.0, eta=1.0, seeds=seeds, decode=False, height=size,
-                       width=size)
-    samples = ddpo.Samples(traj.latents, traj.log_probs, traj.timesteps, torch.randn(batch, device=device))
-    ucfg = ddpo.UpdateConfig(micro_batch=args.micro_batch, optimizer_steps_per_epoch=1)
-    items = batch * steps
+
+def micro_flops(b: Bench, model, traj) -> float:
+    """FLOPs of one training micro-step, forward + backward."""
+    m = b.args.micro_batch
+    def go():
+        with b.autocast():
+            eps = guided_eps(model, traj.latents[:m, 0], traj.timesteps[:m, 0], b.cond[:m], b.uncond, 5.0)
+        b.sched.step(eps.float(), traj.timesteps[:m, 0], traj.latents[:m, 0], 1.0,
+                     prev_sample=traj.latents[:m, 1]).log_prob.sum().backward()
+    f = count_flops(go)
+    model.zero_grad(set_to_none=True)
+    return f
+
+
+def bench_update(b: Bench, ucfg) -> None:
+    """(d) the PPO update over B samples x N steps, LoRA and full fine-tuning: ours, ours with gradient
+    checkpointing (memory for ~1/3 more compute), the reference. One optimizer step keeps the loops comparable."""
+    args = b.args
+    with b.autocast():  # as train.py: the stored log-probs come from the same autocast as the update's
+        traj = our_rollout(b, b.net)
+    samples = ddpo.Samples(traj.latents, traj.log_probs, traj.timesteps, torch.randn(b.batch, device=b.device))
+    items = b.batch * b.steps
     n_micro = math.ceil(items / args.micro_batch)
-
-    def micro_flops(model):  # one training micro-step, forward + backward
-        m = args.micro_batch
-        def go():
-            with autocast:
-                eps = guided_eps(model, traj.latents[:m, 0], traj.timesteps[:m, 0], cond[:m], uncond, 5.0)
-            sched.step(eps.float(), traj.timesteps[:m, 0], traj.latents[:m, 0], 1.0, prev_sample=traj.latents[:m, 1]).log_prob.sum().backward()
-        f = count_flops(go)
-        model.zero_grad(set_to_none=True)
-        return f
-
-    # ours, ours with gradient checkpointing (memory for ~1/3 more compute), the reference
-    impls = ([("ours", unet, False)] + ([] if args.no_ckpt else [("ours+ckpt", unet, True)])
-             + ([("diffusers", dunet, False)] if dunet is not None else []))
-    modes = [("lora", args.lora_rank)] + ([] if args.no_full else [("full", 0)])
-    for mode, rank in modes:
+    impls = ([("ours", b.unet, False)] + ([] if args.no_ckpt else [("ours+ckpt", b.unet, True)])
+             + ([("diffusers", b.dunet, False)] if b.dunet is not None else []))
+    ref_autocast = b.autocast()   # ref_update enters it per micro-step
+    for mode, rank in [("lora", args.lora_rank)] + ([] if args.no_full else [("full", 0)]):
         for impl, m, ckpt in impls:
             if rank:
                 m.requires_grad_(False)
@@ -313,66 +356,84 @@ def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dty
                 params = list(m.parameters())
             opt = torch.optim.AdamW(params, lr=1e-6)
             if impl == "ours":  # the same FLOPs for every loop: count ours (checkpointing's recompute is overhead)
-                f_upd = n_micro * micro_flops(m)
-            gen = torch.Generator(device=device).manual_seed(0)
+                f_upd = n_micro * micro_flops(b, m, traj)
+            gen = torch.Generator(device=b.device).manual_seed(0)
             if impl.startswith("ours"):
                 m.gradient_checkpointing = ckpt
                 net_m = torch.compile(m, dynamic=False) if args.compile else m
-                fn = lambda: ddpo.ddpo_update(net_m, params, sched, samples, opt, ucfg, cond_embeds=cond,
-                                              uncond_embeds=uncond, generator=gen,
-                                              autocast_dtype=dtype if dtype != torch.float32 else None)
+                fn = lambda: ddpo.ddpo_update(net_m, params, b.sched, samples, opt, ucfg, cond_embeds=b.cond,
+                                              uncond_embeds=b.uncond, generator=gen, autocast_dtype=b.low)
             else:
-                fn = lambda: ref_update(m, params, dsched, samples, opt, cond, uncond, 5.0, 1.0, args.micro_batch,
-                                        1e-4, autocast)
-            rows.append(measure(f"update {mode}", impl, fn, units=items, unit="item", flops=f_upd, **R))
+                fn = lambda: ref_update(m, params, b.dsched, samples, opt, b.cond, b.uncond, 5.0, 1.0,
+                                        args.micro_batch, 1e-4, ref_autocast)
+            b.rows.append(measure(f"update {mode}", impl, fn, units=items, unit="item", flops=f_upd, **b.R))
             m.gradient_checkpointing = False
             opt = params = fn = None  # free the optimizer state before the next variant
             if rank:
                 lora.merge_and_remove(m)  # back to the plain model for the next mode (weights change: fine for speed)
             else:
-                m.requires_grad_(False).to(frozen_dtype)
+                m.requires_grad_(False).to(b.dtype)
             m.zero_grad(set_to_none=True)
             gc.collect()
-            if device.type == "cuda":
+            if b.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    # (e) one whole epoch with LoRA: rollout (adapters merged) -> decode -> reward -> advantages -> update
-    reward = build_reward(args.reward, device=device)
-    prompts = [f"prompt {i % 4}" for i in range(batch)]
-    for impl, model in [("ours", unet)] + ([("diffusers", dunet)] if dunet is not None else []):
+
+def bench_epoch(b: Bench, ucfg, f_roll: float, f_dec: float, x0, nz) -> None:
+    """(e) one whole epoch with LoRA: rollout (adapters merged) -> decode -> reward -> advantages -> update."""
+    reward = build_reward(b.args.reward, device=b.device)
+    prompts = [f"prompt {i % 4}" for i in range(b.batch)]
+    for impl, model in [("ours", b.unet)] + ([("diffusers", b.dunet)] if b.dunet is not None else []):
         model.requires_grad_(False)
-        params = lora.add_lora(model, rank=args.lora_rank)
+        params = lora.add_lora(model, rank=b.args.lora_rank)
         opt = torch.optim.AdamW(params, lr=1e-6)
-        gen = torch.Generator(device=device).manual_seed(0)
+        gen = torch.Generator(device=b.device).manual_seed(0)
         if impl == "ours":
             def epoch():
                 # as train.py: fold LoRA into the weights only where that is exact (an fp32 base)
-                with lora.merged(model) if frozen_dtype == torch.float32 else contextlib.nullcontext():
-                    tr = rollout(model, vae, sched, cond, uncond, guidance=5.0, eta=1.0, seeds=seeds, height=size, width=size, vae_chunk=8)
+                with lora.merged(model) if b.low is None else contextlib.nullcontext():
+                    tr = our_rollout(b, model, decode=True)
                 r, _ = reward(tr.images, prompts)
-                adv = ddpo.batch_advantages(r)
-                ddpo.ddpo_update(model, params, sched, ddpo.Samples(tr.latents, tr.log_probs, tr.timesteps, adv), opt,
-                                 ucfg, cond_embeds=cond, uncond_embeds=uncond, generator=gen,
-                                 autocast_dtype=dtype if dtype != torch.float32 else None)
+                ddpo.ddpo_update(model, params, b.sched, ddpo.Samples(tr.latents, tr.log_probs, tr.timesteps,
+                                                                      ddpo.batch_advantages(r)),
+                                 opt, ucfg, cond_embeds=b.cond, uncond_embeds=b.uncond, generator=gen,
+                                 autocast_dtype=b.low)
         else:
+            ref_autocast = b.autocast()
             def epoch():
                 with torch.no_grad():
-                    lats, logps = ref_rollout(model, dsched, cond, uncond, x0, nz, 5.0, 1.0)
-                    imgs = (dvae.decode(lats[:, -1] / 0.18215).sample / 2 + 0.5).clamp(0, 1).float()
+                    lats, logps = ref_rollout(model, b.dsched, b.cond, b.uncond, x0, nz, 5.0, 1.0)
+                    imgs = (b.dvae.decode(lats[:, -1] / 0.18215).sample / 2 + 0.5).clamp(0, 1).float()
                 r, _ = reward(imgs, prompts)
                 adv = (r - r.mean()) / (r.std(correction=0) + 1e-8)
-                tsteps = dsched.timesteps.expand(batch, -1)
-                ref_update(model, params, dsched, ddpo.Samples(lats.float(), logps.float(), tsteps, adv), opt, cond,
-                           uncond, 5.0, 1.0, args.micro_batch, 1e-4, autocast)
-        f_epoch = f_roll + f_dec + next(r.flops for r in rows if r.name == "update lora" and r.impl == impl)
-        rows.append(measure("epoch (lora)", impl, epoch, units=batch, unit="img", flops=f_epoch, **R))
+                tsteps = b.dsched.timesteps.expand(b.batch, -1)
+                ref_update(model, params, b.dsched, ddpo.Samples(lats.float(), logps.float(), tsteps, adv), opt,
+                           b.cond, b.uncond, 5.0, 1.0, b.args.micro_batch, 1e-4, ref_autocast)
+        f_epoch = f_roll + f_dec + next(r.flops for r in b.rows if r.name == "update lora" and r.impl == impl)
+        b.rows.append(measure("epoch (lora)", impl, epoch, units=b.batch, unit="img", flops=f_epoch, **b.R))
         lora.merge_and_remove(model)
-        opt = params = fn = None  # free the optimizer state before the next variant
-    print_table(rows, peak)
+        opt = params = None  # free the optimizer state before the next variant
+
+
+def bench_config(args, arch: str, size: int, batch: int, steps: int, device, dtype, peak) -> list[Row]:
+    """Phases (a)-(e) at one configuration, then their table."""
+    b = setup_bench(args, arch, size, batch, steps, device, dtype)
+    print(f"\n== {arch} UNet, {size}x{size} px (latent {b.h}x{b.h}), batch {batch} (x2 CFG), {steps} steps, "
+          f"{str(dtype).replace('torch.', '')}, {device.type} ==")
+    f_fwd = bench_forward(b)
+    f_roll = steps * f_fwd
+    x0 = torch.randn(batch, 4, b.h, b.h, device=device, dtype=dtype)        # the reference's x_T and step noise
+    nz = torch.randn(batch, steps, 4, b.h, b.h, device=device, dtype=dtype)
+    bench_rollout(b, f_roll, x0, nz)
+    f_dec = bench_decode(b)
+    ucfg = ddpo.UpdateConfig(micro_batch=args.micro_batch, optimizer_steps_per_epoch=1)
+    bench_update(b, ucfg)
+    bench_epoch(b, ucfg, f_roll, f_dec, x0, nz)
+    print_table(b.rows, peak)
     if args.compile:  # the step loops must reuse one graph per shape: a recompile per timestep would be fatal
         from torch._dynamo.utils import counters
         print(f"torch.compile: {counters['stats']['unique_graphs']} graphs, recompiles {dict(counters['recompiles']) or 0}")
-    return rows
+    return b.rows
 
 
 def main(argv=None):

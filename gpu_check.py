@@ -665,6 +665,55 @@ def markdown(report: dict) -> str:
 # the parent: phases in order, each in a subprocess, results rewritten after every phase
 
 
+def launch_phase(args, name: str, limit: float, out: Path, work: Path, rec: dict, save) -> None:
+    """Run one phase in its own process group for at most `limit` seconds; its result (or its partial rows and
+    log tail) into rec."""
+    for f in (out / "phases" / f"{name}.json", out / "phases" / f"{name}.rows.jsonl",
+              out / "phases" / f"{name}.meta.json"):
+        f.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--out-dir", str(out),
+           "--work", str(work), "--budget", str(args.budget)]
+    cmd += ["--dry-run"] if args.dry_run else []
+    cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
+    cmd += ["--pretrain-args", args.pretrain_args] if args.pretrain_args else []
+    env = child_env(args.dry_run)
+    env["GPU_CHECK_DEADLINE"] = str(time.time() + limit)
+    log = out / "logs" / f"{name}.log"
+    print(f"[gpu_check] {name}: up to {limit:.0f} s", flush=True)
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            stop(proc)
+            rc = None
+        except BaseException as e:  # SIGTERM or Ctrl-C: record the phase as interrupted, then stop
+            stop(proc)
+            rec.update(status="interrupted", seconds=time.time() - t0, error=str(e))
+            save()
+            raise
+    rec["seconds"] = time.time() - t0
+    result_file = out / "phases" / f"{name}.json"
+    if rc == 0 and result_file.is_file():
+        rec["result"] = json.loads(result_file.read_text())
+        rec["status"] = "ok"
+        if name == "train" and not rec["result"]["first_ratio_below_clip"]:
+            rec["status"] = "check-failed"
+            rec["error"] = "first_ratio_max_dev above the clip range"
+        if rec["result"].get("skipped"):
+            rec["status"] = "skipped"
+    else:
+        rec["status"] = "timeout" if rc is None else "error"
+        rec["error"] = (f"killed after {limit:.0f} s\n" if rc is None else f"exit {rc}\n") + tail(log, 2500)
+        partial = read_jsonl(out / "phases" / f"{name}.rows.jsonl")
+        meta = out / "phases" / f"{name}.meta.json"
+        if partial:  # what the phase measured before it stopped
+            rec["result"] = {**(json.loads(meta.read_text()) if meta.is_file() else {}), "rows": partial,
+                             "partial": True}
+
+
 def main(argv=None) -> dict | None:
     args = parse_args(argv)
     if args.work is None:
@@ -708,50 +757,7 @@ def main(argv=None) -> dict | None:
             save()
             continue
         limit = min(PHASES[name][1 if args.dry_run else 0], left)
-        for f in (out / "phases" / f"{name}.json", out / "phases" / f"{name}.rows.jsonl",
-                  out / "phases" / f"{name}.meta.json"):
-            f.unlink(missing_ok=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--out-dir", str(out),
-               "--work", str(work), "--budget", str(args.budget)]
-        cmd += ["--dry-run"] if args.dry_run else []
-        cmd += ["--peak-tflops", str(args.peak_tflops)] if args.peak_tflops else []
-        cmd += ["--pretrain-args", args.pretrain_args] if args.pretrain_args else []
-        env = child_env(args.dry_run)
-        env["GPU_CHECK_DEADLINE"] = str(time.time() + limit)
-        log = out / "logs" / f"{name}.log"
-        print(f"[gpu_check] {name}: up to {limit:.0f} s", flush=True)
-        t0 = time.time()
-        with open(log, "w") as f:
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=limit)
-            except subprocess.TimeoutExpired:
-                stop(proc)
-                rc = None
-            except BaseException as e:  # SIGTERM or Ctrl-C: record the phase as interrupted, then stop
-                stop(proc)
-                rec.update(status="interrupted", seconds=time.time() - t0, error=str(e))
-                save()
-                raise
-        rec["seconds"] = time.time() - t0
-        result_file = out / "phases" / f"{name}.json"
-        if rc == 0 and result_file.is_file():
-            rec["result"] = json.loads(result_file.read_text())
-            rec["status"] = "ok"
-            if name == "train" and not rec["result"]["first_ratio_below_clip"]:
-                rec["status"] = "check-failed"
-                rec["error"] = "first_ratio_max_dev above the clip range"
-            if rec["result"].get("skipped"):
-                rec["status"] = "skipped"
-        else:
-            rec["status"] = "timeout" if rc is None else "error"
-            rec["error"] = (f"killed after {limit:.0f} s\n" if rc is None else f"exit {rc}\n") + tail(log, 2500)
-            partial = read_jsonl(out / "phases" / f"{name}.rows.jsonl")
-            meta = out / "phases" / f"{name}.meta.json"
-            if partial:  # what the phase measured before it stopped
-                rec["result"] = {**(json.loads(meta.read_text()) if meta.is_file() else {}), "rows": partial,
-                                 "partial": True}
+        launch_phase(args, name, limit, out, work, rec, save)
         print(f"[gpu_check] {name}: {rec['status']} in {rec['seconds']:.0f} s", flush=True)
         save()
     print((out / "gpu_check.md").read_text(), flush=True)

@@ -3,6 +3,7 @@
 
 The runs are subprocesses (the real CLI), one CPU thread each; independent runs are started together.
 """
+import dataclasses
 import importlib.util
 import json
 import os
@@ -21,7 +22,8 @@ import lora
 import train
 import weights
 from lora import load_lora
-from run import cpu_warning, latest_checkpoint, parse_args
+from config import parse_args
+from run import cpu_warning, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # small and fast, yet every part of an epoch runs: 4 samples x 4 steps, per-prompt advantages, one optimizer step
@@ -255,7 +257,7 @@ def test_cli_errors(tmp_path):
     # a run directory stopped before its first checkpoint
     run = tmp_path / "early"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps(vars(parse_args([*FAST, "--out", str(run)]))))
+    (run / "config.json").write_text(json.dumps(dataclasses.asdict(parse_args([*FAST, "--out", str(run)]))))
     assert "no checkpoint" in cli_error(["--resume", str(run)])
     assert "--lr cannot change in a resumed run" in cli_error(["--resume", str(run), "--lr", "1"])
     assert "already holds a run" in cli_error([*FAST, "--out", str(run)])
