@@ -19,7 +19,7 @@ package keeps [CLS] (101) in front: ImageReward does not swap in [ENC] as BLIP's
 Stock transformers cannot express the text tower (its BertModel cross-attends only as a causal decoder, with K/V of
 the hidden width 768, not the image width 1024), so both towers are written here. Module attribute names mirror the
 keys of THUDM/ImageReward's ImageReward.pt exactly (blip.visual_encoder.*, blip.text_encoder.*, blip.vision_proj.*,
-blip.text_proj.*, mlp.layers.{0,2,4,6,7}.*; 625 keys, 446,665,953 elements), so the checkpoint loads with
+blip.text_proj.*, mlp.layers.{0,2,4,6,7}.*; 625 keys: 446,665,953 parameters and position_ids), so it loads with
 load_state_dict(strict=True) and no mapping table. vision_proj/text_proj (BLIP's contrastive heads) are in the
 checkpoint but unused by the score. Inference only: the towers' dropouts and drop-path are left out (no weights).
 
