@@ -4,20 +4,16 @@ measured on the package) and against the package itself; loading through build_r
 
 The reference package cannot be a line of requirements-dev.txt: every image-reward release pins timm==0.6.13, which
 open_clip_torch 3.x (timm>=1.0.17) excludes, so pip would downgrade open_clip to 2.32 for the whole environment.
-Its 42 KB pure-Python wheel is therefore fetched here with `pip download --no-deps` (sha256-pinned, cached under
-.pytest_cache), unless an ImageReward package is installed; only when neither is possible does the reference part
-skip. It is imported through a shim: its package __init__s (which pull in clip, diffusers, datasets and ReFL) are
+The test command therefore installs its 42 KB pure-Python wheel on its own, `pip install --no-deps
+image-reward==1.5` (the README's test command, .ci/run); without it the reference part skips. It is imported through a shim: its package __init__s (which pull in clip, diffusers, datasets and ReFL) are
 skipped, fairscale (only its checkpoint_wrapper import) is stubbed when absent, and four transformers-5 breakages
 are patched (reference_facts §1.2-1.3). Nothing else of the package is changed.
 """
-import hashlib
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 import types
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -29,8 +25,6 @@ import rewards_imagereward as R
 from reward_base import quantize, to_uint8
 from rewards import build_reward
 
-WHEEL, WHEEL_SHA256 = "image_reward-1.5-py3-none-any.whl", \
-    "b4917a680c3caa68a1ce3847cebab3ae6d5b4c409d7f8804f537b9d42662cf12"
 # a test vocabulary in bert-base-uncased's layout of specials first ([PAD] 0); + [DEC], [ENC] = vocab_size
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "an", "the", "photo", "of", "cat", "dog", "horse",
          "riding", "red", "blue", "in", "space", "astronaut", "cafe", ",", ".", "##s", "##ing", "ride"]
@@ -49,30 +43,12 @@ MED_CONFIG = dict(architectures=["BertModel"], attention_probs_dropout_prob=0.1,
 # -----------------------------------------------------------------------------
 # the reference package, imported through the shim
 
-def _package_dir(cache: Path) -> Path | str:
-    """The ImageReward package folder: installed, cached, or fetched now; else the reason it cannot be had."""
+def _package_dir() -> Path | None:
+    """The installed ImageReward package folder (the test command installs it with --no-deps), or None."""
     if "ImageReward" in sys.modules:   # imported (or stubbed by `pkg`) already in this process
         return Path(list(sys.modules["ImageReward"].__path__)[0])
     spec = importlib.util.find_spec("ImageReward")
-    if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    target = cache / "ImageReward"
-    if (target / "ImageReward.py").is_file():
-        return target
-    try:
-        out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                              "--disable-pip-version-check", "image-reward==1.5", "-d", str(cache)],
-                             capture_output=True, text=True, timeout=180)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"pip download failed: {e}"
-    wheel = cache / WHEEL
-    if out.returncode != 0 or not wheel.is_file():
-        return f"pip download image-reward==1.5 failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}"
-    if hashlib.sha256(wheel.read_bytes()).hexdigest() != WHEEL_SHA256:
-        return f"{wheel} does not have the sha256 of the published image-reward 1.5 wheel"
-    with zipfile.ZipFile(wheel) as z:
-        z.extractall(cache, [n for n in z.namelist() if n.startswith("ImageReward/")])
-    return target
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +59,11 @@ def vocab(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pkg(request, vocab, tmp_path_factory):
+def pkg(vocab):
     """The package's modules (ImageReward.py, blip_pretrain, med, vit), made importable on transformers 5."""
-    cache = getattr(request.config, "cache", None)   # None under -p no:cacheprovider: fetch into a temporary folder
-    where = _package_dir(Path(cache.mkdir("image-reward-1.5")) if cache else tmp_path_factory.mktemp("image-reward"))
-    if isinstance(where, str):
-        pytest.skip(f"the image-reward reference is not installed and could not be fetched ({where})")
+    where = _package_dir()
+    if where is None:
+        pytest.skip("the image-reward reference is not installed: pip install --no-deps image-reward==1.5")
     import transformers.modeling_utils as mu
     import transformers.pytorch_utils as pu
     from transformers import BertTokenizer
