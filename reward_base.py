@@ -13,6 +13,10 @@ import numpy as np
 import torch
 
 
+# CLIP's image normalisation (OpenAI), shared by every CLIP- and BLIP-based scorer
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
 class RewardWarning(RuntimeWarning):
     """A reward could not score some images (they get a neutral or NaN reward); training goes on."""
 

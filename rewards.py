@@ -53,11 +53,9 @@ import hub
 import rewards_detect
 import rewards_http
 import rewards_imagereward
-from reward_base import (Reward, RewardWarning, drop_nonfinite, finite_mask, prompt_groups,  # noqa: F401 (re-exported)
-                         quantize, to_uint8)
+from reward_base import (OPENAI_MEAN, OPENAI_STD, Reward, RewardWarning, drop_nonfinite, finite_mask,  # noqa: F401
+                         prompt_groups, quantize, to_uint8)  # (re-exported: rewards.Reward etc.)
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"v2.1": "HPS_v2.1_compressed.pt", "v2.0": "HPS_v2_compressed.pt"}
 AESTHETIC_REPO, AESTHETIC_FILE = "trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth"

@@ -36,10 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from reward_base import Reward, quantize
+from reward_base import OPENAI_MEAN, OPENAI_STD, Reward, quantize
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
