@@ -242,6 +242,10 @@ class AutoencoderKL(nn.Module):
         c = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
+        # SDXL's VAE overflows in fp16 (inf/NaN images; diffusers' force_upcast, which its SD pipelines ignore):
+        # the loader sets this for SDXL, and decode_latents then decodes an fp16 VAE in fp32. A runtime setting of
+        # the pipeline, not architecture, so not in VAEConfig.
+        self.upcast_fp16 = False
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B,3,H,W) in [-1,1] -> (mean, logvar), each (B,4,H/8,W/8), unscaled."""
@@ -261,6 +265,9 @@ class AutoencoderKL(nn.Module):
         """Scaled latents (what the UNet sees) -> float32 images in [0,1]. Decodes chunk_size samples at a
         time: the full-resolution activations of the last up blocks, not the weights, bound decode memory."""
         assert chunk_size is None or chunk_size >= 1, f"chunk_size must be a positive int or None, got {chunk_size}"
+        if self.upcast_fp16 and self.decoder.conv_in.weight.dtype == torch.float16:
+            # kept in fp32 from now on (160 MB): casting back after every decode, as diffusers does, copies it twice
+            self.float()
         dtype = self.decoder.conv_in.weight.dtype   # latents usually arrive in fp32 from the sampler
         z = (latents / self.config.scaling_factor).to(dtype)
         chunks = z.split(chunk_size or len(z))

@@ -238,3 +238,106 @@ def save_single_file(path: Path, state_dict: dict) -> Path:
     else:
         torch.save({"state_dict": state_dict, "global_step": 1000}, path)
     return path
+
+# -----------------------------------------------------------------------------------------------------------
+# SDXL: a tiny random SDXL (diffusers/transformers modules), its diffusers pipeline and its SGM single-file layout
+#
+#     xl = tiny_sdxl()                        # TinySDXL(unet, vae, text_encoder, text_encoder_2)
+#     pipe = diffusers_sdxl_pipeline(xl)      # StableDiffusionXLPipeline (tokenizers: CLIP BPE, EOS / "!" padding)
+#     pipe.save_pretrained(root)              # the diffusers folder
+#     save_single_file(path, sdxl_to_ldm_state_dict(xl))   # model.diffusion_model / first_stage_model / conditioner.*
+#
+# The structure of SDXL base at toy width: 3 levels, no attention at level 0, 1/2/3 transformer blocks (10 in the
+# real model), text_time added conditioning, linear projections, context = 64 + 128 (CLIP-L + bigG widths), pooled
+# 32 wide. Heads are 64 wide and GroupNorm has 32 groups, the rules a single file's config is inferred by.
+
+SDXL_UNET = dict(block_out_channels=(32, 64, 128), layers_per_block=2,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 attention_head_dim=(1, 1, 2), transformer_layers_per_block=(1, 2, 3), use_linear_projection=True,
+                 cross_attention_dim=64 + 128, addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=32 + 6 * 8, norm_num_groups=32, sample_size=8)
+SDXL_VAE = dict(VAE, scaling_factor=0.13025, force_upcast=True)
+# the hub configs' legacy special ids (bos 0, eos 2, pad 1): transformers then pools at the argmax of the ids
+_LEGACY_IDS = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1)
+SDXL_TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=1,
+                 max_position_embeddings=77, hidden_act="quick_gelu", **_LEGACY_IDS)
+SDXL_TEXT_2 = dict(vocab_size=49408, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                   num_attention_heads=2, max_position_embeddings=77, hidden_act="gelu", projection_dim=32, **_LEGACY_IDS)
+
+
+@dataclass
+class TinySDXL:
+    unet: object             # diffusers.UNet2DConditionModel
+    vae: object              # diffusers.AutoencoderKL
+    text_encoder: object     # transformers.CLIPTextModel (CLIP ViT-L's role)
+    text_encoder_2: object   # transformers.CLIPTextModelWithProjection (OpenCLIP bigG's role)
+
+
+def tiny_sdxl(seed: int = 0) -> TinySDXL:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**SDXL_UNET)
+        vae = AutoencoderKL(**SDXL_VAE)
+        text = CLIPTextModel(CLIPTextConfig(**SDXL_TEXT))
+        text_2 = CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2))
+    return TinySDXL(*(_perturb(m, gen) for m in (unet, vae, text, text_2)))
+
+
+def sdxl_tokenizers(folder: Path):
+    """SDXL's two tokenizers as transformers loads them from hub-style folders: CLIP-L pads with <|endoftext|>,
+    the bigG tokenizer with "!" (tokenizer_2/special_tokens_map.json of SDXL base)."""
+    from transformers import CLIPTokenizer
+    write_tokenizer_folder(Path(folder) / "tokenizer", "<|endoftext|>")
+    write_tokenizer_folder(Path(folder) / "tokenizer_2", "!")
+    return (CLIPTokenizer.from_pretrained(str(Path(folder) / "tokenizer")),
+            CLIPTokenizer.from_pretrained(str(Path(folder) / "tokenizer_2")))
+
+
+def diffusers_sdxl_pipeline(xl: TinySDXL, tokenizer_folder: Path, force_zeros_for_empty_prompt: bool = True):
+    """diffusers' StableDiffusionXLPipeline on the tiny modules, with SD's DDIM schedule (our sampler's)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    tok, tok_2 = sdxl_tokenizers(tokenizer_folder)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                          steps_offset=1, set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon")
+    pipe = StableDiffusionXLPipeline(vae=xl.vae, text_encoder=xl.text_encoder, text_encoder_2=xl.text_encoder_2,
+                                     tokenizer=tok, tokenizer_2=tok_2, unet=xl.unet, scheduler=sched,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sdxl_unet_to_ldm(sd: dict, config) -> dict:
+    """diffusers SDXL UNet keys -> LDM: unet_to_ldm, plus add_embedding.linear_{1,2} -> label_emb.0.{0,2}."""
+    sd = dict(sd)
+    label = {f"model.diffusion_model.label_emb.0.{2 * i}.{kind}": sd.pop(f"add_embedding.linear_{i + 1}.{kind}")
+             for i in (0, 1) for kind in ("weight", "bias")}
+    up_attention = [t.startswith("CrossAttn") for t in config.up_block_types]
+    return {**unet_to_ldm(sd, config.layers_per_block, up_attention), **label}
+
+
+def sdxl_to_ldm_state_dict(xl: TinySDXL, seed: int = 1) -> dict:
+    """The SGM single-file layout of sd_xl_base_1.0.safetensors: the LDM UNet (add_embedding as label_emb.0.{0,2})
+    and VAE, CLIP-L as conditioner.embedders.0.transformer.text_model.* (HF names), bigG as
+    conditioner.embedders.1.model.* in open_clip names: all its layers, fused in_proj, text_projection = W^T (x @ P),
+    plus the extras a loader must ignore (position_ids, logit_scale, schedule buffers)."""
+    gen = torch.Generator().manual_seed(seed)
+    unet = sdxl_unet_to_ldm({k: v.detach().clone() for k, v in xl.unet.state_dict().items()}, xl.unet.config)
+    vae = vae_to_ldm({k: v.detach().clone() for k, v in xl.vae.state_dict().items()},
+                     len(xl.vae.config.block_out_channels))
+    text = {"conditioner.embedders.0.transformer." + k: v for k, v in clip_text_state_dict(xl.text_encoder).items()}
+    text["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    tower = {k: v.detach().clone() for k, v in xl.text_encoder_2.state_dict().items()
+             if k.startswith("text_model.") and not k.endswith("position_ids")}
+    # clip_to_openclip writes SD2's layout: all layers plus one dummy on top, and a dummy text_projection. SDXL
+    # files hold exactly the model's layers (32 for bigG) and the real projection.
+    openclip = clip_to_openclip(tower, gen)
+    n = xl.text_encoder_2.config.num_hidden_layers
+    openclip = {k.replace("cond_stage_model.model.", "conditioner.embedders.1.model.", 1): v for k, v in openclip.items()
+                if not k.startswith(f"cond_stage_model.model.transformer.resblocks.{n}.")}
+    openclip["conditioner.embedders.1.model.text_projection"] = xl.text_encoder_2.text_projection.weight.detach().T.clone()
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    return {**unet, **vae, **text, **openclip, "alphas_cumprod": torch.cumprod(1 - betas, 0)}
