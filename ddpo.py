@@ -283,9 +283,11 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     """One epoch of DDPO training on a batch of rollouts.
 
     model: the UNet as called for training, model(x (m,4,h,w), t (m,), c (m,77,D)) -> eps; may be DDP-wrapped
-      (its no_sync() is used on all but the last micro-step of each optimizer step).
+      (its no_sync() is used on all but the last micro-step of each optimizer step). For SDXL, c is a
+      unet.Conditioning (embeds + pooled text_embeds + time_ids), indexed and concatenated like the tensor.
     params: the trainable parameters (fp32) for grad-norm clipping. optimizer: built by the caller on params.
-    samples: the epoch's rollouts on the training device; cond_embeds (B,77,D), uncond_embeds (1 or B,77,D).
+    samples: the epoch's rollouts on the training device; cond_embeds (B,77,D), uncond_embeds (1 or B,77,D), or for
+      SDXL the unet.Conditioning of the rollout (torch.cat of the rollout batches' conditionings works as for tensors).
     generator: draws the timestep subsets and the item shuffle (save its state for exact resume).
     reference: callable like `model` for the KL term (reference_policy(unet)); its kl is logged when given.
     autocast_dtype: e.g. torch.bfloat16 for the UNet calls; step math and the loss stay fp32.

@@ -23,6 +23,10 @@ by D. Consequence for PPO: the ratio exp(Δ log π) is (p/p_old)^(1/D), so a cli
 Step math is done in fp32 whatever the UNet's dtype: the last step has σ ≈ 0.02 (50 steps, η = 1), where fp16
 rounding of x_t' alone moves the mean log-prob by ~1e-4, the size of the PPO clip range. Trajectories are stored in
 fp32 so that re-scoring them with unchanged weights gives exactly the stored log-probs (PPO ratio 1).
+
+The text conditioning (cond/uncond below) is the (B,77,D) embedding tensor of SD 1.x/2.x, or for SDXL a
+unet.Conditioning (embeds, pooled text_embeds, time_ids), which batches, slices and concatenates like that tensor
+and which the UNet unpacks: the CFG batch [uncond, cond] carries SDXL's added conditioning with no code of its own.
 """
 from __future__ import annotations
 
@@ -174,7 +178,8 @@ def guided_eps(unet: Callable, x: torch.Tensor, t, cond: torch.Tensor, uncond: t
                guidance: float) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022): u + g·(c − u), u/c the model outputs without/with the prompt.
 
-    x (B,C,h,w), t (B,) or scalar, cond (B,77,D), uncond (B or 1,77,D) or None. One batched UNet call on
+    x (B,C,h,w), t (B,) or scalar, cond (B,77,D), uncond (B or 1,77,D) or None (or unet.Conditioning for SDXL,
+    see the top of this file: torch.cat and expand below act on all its fields). One batched UNet call on
     cat([uncond, cond]) (the unconditional half first, as diffusers and ddpo-pytorch do); a single cond call when
     guidance == 1 or uncond is None. x is cast to the embeddings' dtype (the pipeline dtype); the result is fp32."""
     B = x.shape[0]
@@ -217,7 +222,8 @@ def rollout(unet: Callable, vae, scheduler: DDIMScheduler, cond: torch.Tensor, u
     """Sample a batch with CFG and record the trajectory DDPO trains on.
 
     cond (B,77,D) prompt embeddings; uncond (B or 1,77,D) negative-prompt embeddings (the caller encodes "" for the
-    standard empty negative prompt); seeds: B ints. latents: optional x_T (B or 1,C,h,w), e.g. one shared x_T per
+    standard empty negative prompt: Pipeline.encode_negative); for SDXL both are unet.Conditioning (whose time ids
+    should be those of the sampled size: Pipeline.encode_prompts(..., size=)); seeds: B ints. latents: optional x_T (B or 1,C,h,w), e.g. one shared x_T per
     GRPO group; the per-step noise still comes from each sample's seed. height/width: image size in pixels when
     latents is None (default: the UNet's native size). The UNet runs in its own dtype (wrap the call in autocast if
     needed); latents and log-probs are fp32. No grad, and no host sync inside the step loop: all noise is drawn up
@@ -257,7 +263,8 @@ def denoising_loss(unet: Callable, scheduler: DDIMScheduler, x0: torch.Tensor, c
     """The "simple" DDPM objective (Ho et al. 2020, eq. 14) that SD is pretrained with: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε,
     loss = mean ‖target − model(x_t, t, c)‖², target ε (epsilon models) or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0.
 
-    x0 (B,C,h,w) scaled latents, cond (B,77,D), t (B,) long training timesteps, noise like x0. Scalar fp32 loss.
+    x0 (B,C,h,w) scaled latents, cond (B,77,D) (SDXL: unet.Conditioning), t (B,) long training timesteps, noise
+    like x0. Scalar fp32 loss.
     pretrain.py trains the shapes model with it; the same function is the pretraining-loss regulariser L_pre."""
     a = scheduler.alphas_cumprod[t].view(-1, *(1,) * (x0.dim() - 1))
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise

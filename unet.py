@@ -373,7 +373,8 @@ class Transformer2DModel(nn.Module):
             [BasicTransformerBlock(dim, heads, cfg.cross_attention_dim, cfg.upcast_attention) for _ in range(layers)])
         self.proj_out = proj(dim, dim)
 
-    def forward(self, x, context):
+    def forward(self, x, context, run=None):
+        """run(block, h, context): how to call each transformer block (the UNet passes its checkpointing)."""
         B, C, H, W = x.shape
         h = self.norm(x)
         if not self.linear:
@@ -382,7 +383,7 @@ class Transformer2DModel(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
-            h = block(h, context)
+            h = block(h, context) if run is None else run(block, h, context)
         if self.linear:
             h = self.proj_out(h)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)   # (B, C, H, W) view with channels_last strides
@@ -483,6 +484,10 @@ class UNet2DConditionModel(nn.Module):
 
     def _run(self, module: nn.Module, *args):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            if isinstance(module, Transformer2DModel) and len(module.transformer_blocks) > 1:
+                # SDXL's 10-block transformers: one block at a time, so that a backward pass recomputes (and holds)
+                # one block's activations, not ten; norm and projections are kept
+                return module(*args, run=self._run)
             return checkpoint(module, *args, use_reentrant=False)   # recompute in backward, save memory
         return module(*args)
 

@@ -14,6 +14,7 @@ tower) and the tokenizer, from one of four sources:
   single file  an LDM/CompVis checkpoint (.safetensors, or .ckpt read with torch.load(weights_only=True)); SDXL
                base files in the SGM layout (conditioner.embedders.0/1) are recognised by their keys.
   "tiny"       a small random-weight SD built in code with a fixed seed: runs offline on a CPU in seconds.
+  "tiny-sdxl"  the same for SDXL's structure (two text encoders, text_time conditioning, 3 levels).
   "shapes"     our pretrained toy model of the shapes world (models/shapes/, written by pretrain.py).
 
 Our modules are named after the diffusers keys, so diffusers files load as they are. Single files are renamed
@@ -92,6 +93,20 @@ TINY = dict(
     vae=dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, sample_size=64),
     text_encoder=dict(vocab_size=CLIP_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=2, max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu"),
+)
+# "tiny-sdxl": SDXL's structure at toy width (no attention at level 0, 1/1/2 transformer blocks, context = the two
+# encoders' widths side by side, pooled 32 + 6 time ids x 8 into add_embedding); 8x8 latents -> 64x64 images
+TINY_SDXL = dict(
+    seed=0,
+    unet=dict(block_out_channels=(32, 64, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D",
+                                                                 "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=1,
+              num_attention_heads=(2, 2, 2), transformer_layers_per_block=(1, 1, 2), cross_attention_dim=64,
+              use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+              projection_class_embeddings_input_dim=32 + 6 * 8, sample_size=8),
+    vae=dict(TINY["vae"], scaling_factor=SDXL_VAE_SCALE),
+    text_encoder=TINY["text_encoder"],
+    text_encoder_2=dict(TINY["text_encoder"], hidden_act="gelu", projection_dim=32),
 )
 
 # -----------------------------------------------------------------------------------------------------------
@@ -191,8 +206,8 @@ def load_pipeline(source: str = DEFAULT_MODEL, device="cpu", dtype: torch.dtype 
         raise ValueError(f"load_pipeline: prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
     source = str(source)
     path = Path(source).expanduser()
-    if source == "tiny":
-        parts = _tiny()
+    if source in ("tiny", "tiny-sdxl"):
+        parts = _tiny(source == "tiny-sdxl")
     elif source == "shapes":
         if not (SHAPES_MODEL / "model_index.json").exists():
             raise FileNotFoundError(f"{SHAPES_MODEL}: the shapes model is missing; restore it from git or rebuild it "
@@ -206,7 +221,7 @@ def load_pipeline(source: str = DEFAULT_MODEL, device="cpu", dtype: torch.dtype 
         parts = _from_folder(_download(source, dtype), dtype)
     else:
         raise FileNotFoundError(f"{source}: no such file or folder; pass a hub id (e.g. {DEFAULT_MODEL}), a "
-                                "diffusers folder, a .safetensors/.ckpt checkpoint, 'tiny' or 'shapes'")
+                                "diffusers folder, a .safetensors/.ckpt checkpoint, 'tiny', 'tiny-sdxl' or 'shapes'")
     scheduler_config = {**parts.pop("scheduler_config")}
     scheduler_config["prediction_type"] = prediction_type or scheduler_config.get("prediction_type", "epsilon")
     parts["unet"].to(device, dtype).eval()
@@ -807,16 +822,23 @@ def _from_sdxl_single_file(path: Path, sd: dict) -> dict:
 # "tiny" and fine-tuned weights
 
 
-def _tiny():
-    """TINY's random SD. Seeded inside fork_rng: the same weights every time, whatever the global RNG state."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny(sdxl: bool = False) -> dict:
+    """TINY's (or TINY_SDXL's) random model. Seeded inside fork_rng: the same weights every time, whatever the
+    global RNG state."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    spec = TINY_SDXL if sdxl else TINY
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY["seed"])
-        unet = UNet2DConditionModel(UNetConfig(**TINY["unet"]))
-        vae = AutoencoderKL(VAEConfig(**TINY["vae"]))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**TINY["text_encoder"]))
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), openclip_tokens=False,
-                scheduler_config=dict(SD_SCHEDULER))
+        torch.manual_seed(spec["seed"])
+        unet = UNet2DConditionModel(UNetConfig(**spec["unet"]))
+        vae = AutoencoderKL(VAEConfig(**spec["vae"]))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+        parts = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), openclip_tokens=False,
+                     scheduler_config=dict(SD_SCHEDULER))
+        if sdxl:
+            vae.upcast_fp16 = True
+            parts.update(text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"])),
+                         tokenizer_2=clip_tokenizer(), openclip_tokens_2=True, force_zeros_for_empty_prompt=True)
+    return parts
 
 
 def save_pipeline(folder, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,

@@ -412,3 +412,61 @@ def test_bad_sdxl_inputs(xl, tmp_path):
     (partial / "text_encoder_2").unlink()   # an SDXL UNet with only one text encoder
     (partial / "tokenizer_2").symlink_to(folder / "tokenizer_2")
     assert "needs SDXL's added conditioning" in error(partial)
+
+
+def test_gradient_checkpointing_same_grads(monkeypatch):
+    """Checkpointing every resnet and, in multi-block transformers, every transformer block: the same gradients,
+    the added embedding's included."""
+    import unet as unet_module
+    calls = []
+    real = unet_module.checkpoint
+    monkeypatch.setattr(unet_module, "checkpoint", lambda *a, **k: calls.append(type(a[0]).__name__) or real(*a, **k))
+    torch.manual_seed(0)
+    model = UNet2DConditionModel(UNetConfig.from_dict(TINY_UNETS["sdxl-structure"])).train()
+    g = torch.Generator().manual_seed(1)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 48, generator=g)
+    cond, t = added(model.config, 2), torch.tensor([5, 600])
+    grads = []
+    for ckpt in (False, True):
+        model.gradient_checkpointing = ckpt
+        model.zero_grad()
+        model(x, t, ctx, cond).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert calls.count("ResnetBlock2D") == sum(isinstance(m, unet_module.ResnetBlock2D) for m in model.modules())
+    # depth 1 (none here), 2 and 3: single-block transformers whole, the others block by block
+    blocks = sum(len(m.transformer_blocks) for m in model.modules() if isinstance(m, unet_module.Transformer2DModel))
+    assert calls.count("BasicTransformerBlock") == blocks and "Transformer2DModel" not in calls
+    assert grads[0]["add_embedding.linear_1.weight"].abs().max() > 0
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_tiny_sdxl_and_sample_images():
+    """"tiny-sdxl" (deterministic, CPU-fast) through weights.sample_images, the sampler sample.py and evaluate.py
+    use: the negative prompt is zeros, the time ids follow the requested size, one image per (prompt, seed)."""
+    a, b = weights.load_pipeline("tiny-sdxl"), weights.load_pipeline("tiny-sdxl")
+    assert a.sdxl and all(torch.equal(p, q) for p, q in zip(a.text_encoder_2.parameters(), b.text_encoder_2.parameters()))
+    s = S.DDIMScheduler(S.SchedulerConfig.from_dict(a.scheduler_config), 4)
+    images = weights.sample_images(a, s, ["a cat", "a dog", "a cat"], [1, 2, 1], guidance=5.0, size=32, batch_size=2)
+    assert images.shape == (3, 3, 32, 32) and torch.isfinite(images).all()
+    # the same (prompt, seed) in another batch (of 2 vs 1): the same image up to float rounding
+    assert (images[0] - images[2]).abs().max() <= 1e-3 and (images[0] - images[1]).abs().max() > 1e-2
+    c = a.encode_prompts(["a cat"], size=32)
+    assert c.time_ids.tolist() == [[32, 32, 0, 0, 32, 32]] and c.embeds.shape == (1, 77, 64)
+
+
+def test_hub_files_of_the_sdxl_repo():
+    """The SDXL base repo's listing: both text encoders and tokenizers, fp16 variants, no single files."""
+    files = ["model_index.json", "scheduler/scheduler_config.json", "sd_xl_base_1.0.safetensors",
+             "sd_xl_offset_example-lora_1.0.safetensors", "vae_1_0/diffusion_pytorch_model.fp16.safetensors",
+             "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer_2/vocab.json", "tokenizer_2/merges.txt",
+             "tokenizer_2/special_tokens_map.json"]
+    for comp, stem in weights.SDXL_COMPONENTS.items():
+        files += [f"{comp}/config.json", f"{comp}/{stem}.safetensors", f"{comp}/{stem}.fp16.safetensors"]
+    got = weights.hub_files(files, torch.float16, weights.SDXL_MODEL)
+    assert sorted(got) == sorted(
+        ["model_index.json", "scheduler/scheduler_config.json", "unet/config.json", "vae/config.json",
+         "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+         "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "tokenizer_2/special_tokens_map.json",
+         "unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+         "text_encoder/model.fp16.safetensors", "text_encoder_2/model.fp16.safetensors"])
