@@ -30,6 +30,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows each default as "(default: X)" where there is one (None/False/empty ones are described in the
     text) and keeps the line breaks of descriptions and epilogs (the reward table)."""
 
+    def _split_lines(self, text, width):   # never break inside a hyphenated word (hub ids, flag names)
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
     def _get_help_string(self, action):
         unset = action.default is None or action.default is False or action.default in ([], "")  # 0 is a default
         return action.help if unset or "%(default)" in (action.help or "") else super()._get_help_string(action)

@@ -44,7 +44,7 @@ class Policy:
     use_lora: bool
     low: torch.dtype | None     # autocast dtype of the frozen weights and the compute (None: fp32)
     scheduler: DDIMScheduler
-    uncond: torch.Tensor        # (1,77,D) the negative prompt's embedding
+    uncond: object              # (1,77,D) the negative prompt's embedding (SDXL: a unet.Conditioning of one)
     size: int                   # image size in pixels
     latent_shape: tuple         # (C, h, w)
     guidance: float
@@ -65,8 +65,9 @@ class Policy:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], seeds: list[int], x_T: torch.Tensor | None = None):
-        """One rollout batch with the current policy: (trajectory, prompt embeddings (B,77,D))."""
-        cond = self.pipe.encode_prompts(prompts)
+        """One rollout batch with the current policy: (trajectory, prompt conditioning: (B,77,D) embeddings, or for
+        SDXL a unet.Conditioning that also carries the pooled embedding and the size's time ids)."""
+        cond = self.pipe.encode_prompts(prompts, size=self.size)
         # folding LoRA into the weights is exact only in fp32: a bf16 base weight would round the update away
         fold = lora.merged(self.unet) if self.use_lora and self.low is None else contextlib.nullcontext()
         with fold, self.autocast():
@@ -81,8 +82,9 @@ def build_policy(cfg: TrainConfig, pipe, device: torch.device, world: int) -> tu
     (ddpo-pytorch #8, trl #1330); the caller has seeded torch, so LoRA's A starts the same on every rank."""
     low = DTYPES[cfg.precision] if cfg.precision != "fp32" else None
     use_lora, unet = cfg.lora_rank > 0, pipe.unet
-    for m in (pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False).eval().to(low or torch.float32)
+    for m in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):   # text_encoder_2: SDXL's OpenCLIP bigG, or None
+        if m is not None:
+            m.requires_grad_(False).eval().to(low or torch.float32)
     if use_lora:
         unet.requires_grad_(False).to(low or torch.float32)
         params = lora.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(",")))
@@ -100,9 +102,9 @@ def build_policy(cfg: TrainConfig, pipe, device: torch.device, world: int) -> tu
         model = torch.nn.parallel.DistributedDataParallel(
             unet, device_ids=[device.index] if device.type == "cuda" else None)
     scheduler = DDIMScheduler(SchedulerConfig.from_dict(pipe.scheduler_config), cfg.steps, device)
-    uncond = pipe.encode_prompts([cfg.negative_prompt])
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = cfg.size or unet.config.sample_size * factor
+    size = cfg.size or pipe.native_size
+    uncond = pipe.encode_negative(cfg.negative_prompt, size=size)   # SDXL: zeros for an empty one, as diffusers
     policy = Policy(pipe, model, params, use_lora, low, scheduler, uncond, size,
                     (pipe.vae.config.latent_channels, size // factor, size // factor), cfg.guidance, cfg.eta,
                     cfg.vae_chunk)

@@ -307,3 +307,35 @@ def test_exported_lora_loads_in_diffusers_and_peft_at_our_strength(tmp_path):
         err = float((theirs - ours).abs().max() / scale)
         print(f"{name}: max |eps diffusers - eps ours| / max |LoRA effect| = {err:.2e}")
         assert err < 1e-3, name   # the LoRA effect is reproduced; a wrong scale (x0.5) would be an error of 0.5
+
+
+def test_sdxl_lora_file_loads_in_the_diffusers_sdxl_pipeline(tmp_path):
+    """The same file for SDXL: an adapter (alpha 8, rank 4) on the tiny SDXL, saved by save_diffusers_lora, loads
+    through StableDiffusionXLPipeline.load_lora_weights(folder) and reproduces our eps under SDXL's added
+    conditioning (pooled embedding + time ids)."""
+    diffusers = pytest.importorskip("diffusers")
+    pytest.importorskip("peft")
+    import weights
+    pipe = weights.load_pipeline("tiny-sdxl")
+    folder = tmp_path / "tiny-sdxl"
+    weights.save_pipeline(folder, pipe.unet, pipe.vae, pipe.text_encoder, pipe.scheduler_config,
+                          text_encoder_2=pipe.text_encoder_2)
+    unet = pipe.unet.requires_grad_(False)
+    lora.add_lora(unet, rank=4, alpha=8.0)
+    randomize_lora(unet, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 700])
+    cond = pipe.encode_prompts(["a cat", "a dog"], size=64)
+    with torch.no_grad():
+        ours = unet(x, t, cond)
+        with lora.disabled(unet):
+            base = unet(x, t, cond)
+    (tmp_path / "lora").mkdir()
+    lora.save_diffusers_lora(tmp_path / "lora", unet)
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
+    ref.load_lora_weights(str(tmp_path / "lora"))
+    with torch.no_grad():
+        theirs = ref.unet(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
+    err = float((theirs - ours).abs().max() / (ours - base).abs().max())
+    print(f"SDXL pipe.load_lora_weights: max |eps diffusers - eps ours| / max |LoRA effect| = {err:.2e}")
+    assert err < 1e-3

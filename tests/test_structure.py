@@ -73,19 +73,21 @@ def test_per_model_defaults_in_help_are_the_ones_used():
     """The figures --help prints are TrainConfig's defaults and, for --model tiny/shapes, MODEL_DEFAULTS; parse_args
     applies them, and a flag given wins over both."""
     import dataclasses
+    import re
     import config
     text = " ".join(config.build_parser().format_help().split())
     sd = config.parse_args(["--out", "/tmp/never-written"])
     for f in dataclasses.fields(config.TrainConfig):
         if f.default not in (None, dataclasses.MISSING):
             assert getattr(sd, f.name) == f.default, f.name
-    for m in ("tiny", "shapes"):
+    for m in config.MODEL_DEFAULTS:
         args = config.parse_args(["--model", m, "--out", "/tmp/never-written"])
         for k, v in config.MODEL_DEFAULTS[m].items():
             assert getattr(args, k) == v, (m, k)
-            if v != getattr(sd, k):
-                shown = f"{v:g}" if isinstance(v, float) else str(v)
-                assert f"--model {m}: {shown}" in text, (m, k, shown)
+            if v != getattr(sd, k):   # "--model tiny, tiny-sdxl: 10": models with the same value share an entry
+                shown = config._shown(v)
+                assert re.search(rf"--model [^:;]*(?<![\w/-]){re.escape(m)}(?![\w/-])[^:;]*: {re.escape(shown)}\b",
+                                 text), (m, k, shown)
     assert config.parse_args(["--model", "shapes", "--lr", "0.5", "--out", "/tmp/never-written"]).lr == 0.5
-    assert "--lr LR AdamW learning rate (default: 3e-4 with LoRA, 1e-5 for full fine-tuning; --model tiny: 0.005; " \
+    assert "--lr LR AdamW learning rate (default: 3e-4 with LoRA, 1e-5 for full fine-tuning; --model tiny, tiny-sdxl: 0.005; " \
            "--model shapes: 0.01)" in text
