@@ -101,7 +101,7 @@ class PretrainLoss:
             x = torch.stack([img for img, _ in loaded]).to(dev, next(vae.parameters()).dtype)
             mean, _ = vae.encode(x)   # the posterior mean, as SD fine-tuning scripts commonly use
             x0 = (mean * vae.config.scaling_factor).float()
-            cond = self.pipe.encode_prompts(captions)
+            cond = self.pipe.encode_prompts(captions, size=self.size)   # SDXL: time ids of this size
         g = torch.Generator().manual_seed(rng.getrandbits(63))
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (self.batch_size,), generator=g).to(dev)
         noise = torch.randn(x0.shape, generator=g).to(dev)
