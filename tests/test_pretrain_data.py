@@ -21,8 +21,11 @@ FAST = ["--model", "tiny", "--reward", "jpeg-compressibility", "--device", "cpu"
         "--pretrain-data", "shapes", "--pretrain-coef", "0.5", "--pretrain-batch-size", "2"]
 
 
-def train(*args: str) -> None:
-    out = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+
+
+def train(*args: str, launcher=(sys.executable,)) -> None:
+    out = subprocess.run([*launcher, str(ROOT / "train.py"), *args], cwd=ROOT, capture_output=True, text=True,
                          env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
 
@@ -69,12 +72,13 @@ def test_batches_are_a_function_of_the_step_and_the_loss_is_the_eps_mse():
     assert 0 < float(raw) < 1   # a trained model predicts the noise far better than chance (loss ~1)
 
 
-def test_train_logs_it_and_resumes_exactly(tmp_path):
-    """--pretrain-coef: pretrain_loss in metrics.jsonl every epoch; a run stopped after epoch 1 and resumed equals
-    the uninterrupted one (its pretraining batches follow the global optimizer step)."""
-    train(*FAST, "--epochs", "2", "--save-every", "1", "--out", str(tmp_path / "full"))
-    train(*FAST, "--epochs", "1", "--save-every", "1", "--out", str(tmp_path / "cut"))
-    train("--resume", str(tmp_path / "cut"), "--epochs", "2")
+def test_train_logs_it_and_resumes_exactly_under_ddp(tmp_path):
+    """--pretrain-coef with two gloo processes (each rank its own pretraining pairs, the gradients all-reduced with
+    the step's last micro-batch): pretrain_loss in metrics.jsonl every epoch; a run stopped after epoch 1 and
+    resumed equals the uninterrupted one (the batches follow the global optimizer step and the rank)."""
+    train(*FAST, "--epochs", "2", "--save-every", "1", "--out", str(tmp_path / "full"), launcher=TORCHRUN)
+    train(*FAST, "--epochs", "1", "--save-every", "1", "--out", str(tmp_path / "cut"), launcher=TORCHRUN)
+    train("--resume", str(tmp_path / "cut"), "--epochs", "2", launcher=TORCHRUN)
     rows = [[{k: v for k, v in json.loads(line).items() if not k.startswith(("time_", "images_per_s"))}
              for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("full", "cut")]
     assert rows[0] == rows[1] and all(r["pretrain_loss"] > 0 for r in rows[0])
