@@ -499,7 +499,8 @@ class UNet2DConditionModel(nn.Module):
         or a Conditioning in place of encoder_hidden_states, which carries both."""
         if isinstance(encoder_hidden_states, Conditioning):
             assert added_cond_kwargs is None, "pass a Conditioning or added_cond_kwargs, not both"
-            encoder_hidden_states, added_cond_kwargs = encoder_hidden_states.embeds, encoder_hidden_states.added_cond_kwargs
+            cond = encoder_hidden_states
+            encoder_hidden_states, added_cond_kwargs = cond.embeds, cond.added_cond_kwargs
         cfg, B = self.config, sample.shape[0]
         assert sample.ndim == 4 and sample.shape[1] == cfg.in_channels, \
             f"sample must be (B, {cfg.in_channels}, h, w), got {tuple(sample.shape)}"

@@ -678,7 +678,8 @@ def unet_config_from_weights(sd: dict, v_prediction: bool = False, pooled_dim: i
     linear = sd["mid_block.attentions.0.proj_in.weight"].ndim == 2
 
     def depth(prefix: str) -> int | None:   # transformer blocks in the first attention under prefix
-        found = [int(m[1]) for k in sd if (m := re.match(re.escape(prefix) + r"attentions\.0\.transformer_blocks\.(\d+)\.", k))]
+        pattern = re.escape(prefix) + r"attentions\.0\.transformer_blocks\.(\d+)\."
+        found = [int(m[1]) for k in sd if (m := re.match(pattern, k))]
         return 1 + max(found) if found else None
     # diffusers gives the mid block the last level's count; levels without attention carry the default 1
     mid = depth("mid_block.")
