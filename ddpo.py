@@ -275,6 +275,55 @@ def _item_losses(model, scheduler, samples: Samples, s, j, cond_embeds, uncond_e
     return loss, ratio, out.log_prob.detach() - old, kl
 
 
+class _Tally:
+    """The update's metrics, summed on the device and synced once at the end: per-item sums over valid items
+    (_ITEM_METRICS), the gradient norms of the optimizer steps taken, the first micro-step's ratio deviation."""
+
+    def __init__(self, dev: torch.device):
+        self.sums = torch.zeros(len(_ITEM_METRICS), device=dev)
+        self.count, self.grad_norm_sum, self.skipped = (torch.zeros((), device=dev) for _ in range(3))
+        self.first_dev = None
+        self.aux_sum, self.n_aux = torch.zeros((), device=dev), 0
+
+    @torch.no_grad()
+    def items(self, loss, ratio, logr, kl, valid, clip_range: float) -> None:
+        r = ratio.detach()
+        if self.first_dev is None:
+            self.first_dev = (r - 1).abs().max()
+        hi, lo = r > 1 + clip_range, r < 1 - clip_range
+        per_item = torch.stack([loss.detach(), 0.5 * logr.square(), (hi | lo).float(), hi.float(), lo.float(), r,
+                                kl.detach()])
+        self.sums += (per_item * valid).sum(1)
+        self.count += valid.sum()
+
+    def step(self, norm: torch.Tensor, finite: torch.Tensor) -> None:
+        self.grad_norm_sum += torch.where(finite, norm, 0.0)
+        self.skipped += ~finite
+
+    def metrics(self, n_steps: int, kl: bool, scaled: bool) -> dict[str, float]:
+        grad_norm = self.grad_norm_sum / (n_steps - self.skipped)  # NaN if every step was skipped
+        vals = torch.cat([self.sums / self.count.clamp(min=1),
+                          torch.stack([grad_norm, self.first_dev, self.count, self.skipped])]).tolist()
+        out = dict(zip(_ITEM_METRICS + ("grad_norm", "first_ratio_max_dev", "items", "skipped_steps"), vals))
+        if not kl:
+            del out["kl"]
+        if not scaled:
+            del out["skipped_steps"]
+        if self.n_aux:
+            out["pretrain_loss"] = float(self.aux_sum) / self.n_aux
+        out["optimizer_steps"] = float(n_steps)
+        return out
+
+
+def _draw_items(b: int, n_train: int, t_per_sample: int, generator: torch.Generator, dev) -> tuple:
+    """(sample index, step index) of every item of one inner epoch, (b * t_per_sample,) each: per sample a random
+    subset of its steps (ddpo-pytorch: per-sample time permutation, first T), then one shuffle over all items so
+    that every micro-batch mixes samples and timesteps."""
+    steps = torch.rand(b, n_train, generator=generator, device=generator.device).argsort(1)[:, :t_per_sample]
+    order = torch.randperm(b * t_per_sample, generator=generator, device=generator.device)
+    return (order // t_per_sample).to(dev), steps.flatten()[order].to(dev)
+
+
 def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samples: Samples,
                 optimizer: torch.optim.Optimizer, cfg: UpdateConfig, *, cond_embeds: torch.Tensor,
                 uncond_embeds: torch.Tensor, generator: torch.Generator, reference: Callable | None = None,
@@ -324,77 +373,42 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     autocast = torch.autocast(dev.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm else math.inf
     no_sync = getattr(model, "no_sync", None)
-
-    # per-item metric sums (over valid items) on the device, synced once at the end
-    sums = torch.zeros(len(_ITEM_METRICS), device=dev)
-    count, grad_norm_sum, first_dev = torch.zeros((), device=dev), torch.zeros((), device=dev), None
-    skipped = torch.zeros((), device=dev)
-    aux_sum, n_aux = torch.zeros((), device=dev), 0
     # no loss scaling (fp32/bf16) is the same code path with a disabled scaler: scale, unscale_ and update are no-ops
     scaler = grad_scaler if grad_scaler is not None else torch.amp.GradScaler(dev.type, enabled=False)
     k_steps = cfg.optimizer_steps_per_epoch
     splits = [i * n_items // k_steps for i in range(k_steps + 1)]  # item ranges of the optimizer steps
     n_micro = sum(-(-(end - start) // cfg.micro_batch) for start, end in zip(splits, splits[1:]))
     bar = tqdm(total=cfg.num_inner_epochs * n_micro, desc="train", disable=not progress, leave=False)
+    tally = _Tally(dev)
 
     if hasattr(model, "train"):
         model.train()
     optimizer.zero_grad(set_to_none=True)
     for _ in range(cfg.num_inner_epochs):
-        # per sample a random subset of its steps (ddpo-pytorch: per-sample time permutation, first T), then
-        # one shuffle over all (sample, step) items so that every micro-batch mixes samples and timesteps
-        steps = torch.rand(b, n_train, generator=generator, device=generator.device).argsort(1)[:, :t_per_sample]
-        order = torch.randperm(n_items, generator=generator, device=generator.device)
-        item_s = (order // t_per_sample).to(dev)
-        item_j = steps.flatten()[order].to(dev)
-        for start, end in zip(splits, splits[1:]):
+        item_s, item_j = _draw_items(b, n_train, t_per_sample, generator, dev)
+        for start, end in zip(splits, splits[1:]):   # one optimizer step on items [start, end)
             if aux_loss is not None:   # first, so that DDP all-reduces it with the step's last micro-batch
                 with no_sync() if no_sync is not None else nullcontext():
                     with autocast:
-                        extra, value = aux_loss(model, n_aux)
+                        extra, value = aux_loss(model, tally.n_aux)
                     scaler.scale(extra).backward()
-                aux_sum += value.to(dev)
-                n_aux += 1
+                tally.aux_sum += value.to(dev)
+                tally.n_aux += 1
             micro = list(range(start, end, cfg.micro_batch))
             for k, a in enumerate(micro):
-                stop = min(a + cfg.micro_batch, end)
-                s, j = item_s[a:stop], item_j[a:stop]
+                s, j = item_s[a:min(a + cfg.micro_batch, end)], item_j[a:min(a + cfg.micro_batch, end)]
                 # DDP: all-reduce the gradients only on the last micro-step of an optimizer step
-                sync_ctx = no_sync() if (no_sync is not None and k < len(micro) - 1) else nullcontext()
-                with sync_ctx:
+                with no_sync() if (no_sync is not None and k < len(micro) - 1) else nullcontext():
                     loss, ratio, logr, kl = _item_losses(model, scheduler, samples, s, j, cond_embeds, uncond_embeds,
                                                          adv, valid, reference, cfg, autocast)
                     scaler.scale(loss.sum() / (end - start)).backward()  # / items of this optimizer step
-
-                with torch.no_grad():
-                    r = ratio.detach()
-                    if first_dev is None:
-                        first_dev = (r - 1).abs().max()
-                    hi, lo = r > 1 + cfg.clip_range, r < 1 - cfg.clip_range
-                    per_item = torch.stack([loss.detach(), 0.5 * logr.square(), (hi | lo).float(), hi.float(),
-                                            lo.float(), r, kl.detach()])
-                    sums += (per_item * valid[s]).sum(1)
-                    count += valid[s].sum()
+                tally.items(loss, ratio, logr, kl, valid[s], cfg.clip_range)
                 bar.update()
             scaler.unscale_(optimizer)  # clip (and log) the true gradient, not the scaled one
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach().to(dev)
             scaler.step(optimizer)  # with loss scaling: skipped when a gradient is inf/NaN
             scaler.update()
-            finite = torch.isfinite(norm) | (not scaler.is_enabled())  # the scaler's own test, when it is on
-            grad_norm_sum += torch.where(finite, norm, 0.0)
-            skipped += ~finite
+            tally.step(norm, torch.isfinite(norm) | (not scaler.is_enabled()))  # the scaler's own test, when on
             optimizer.zero_grad(set_to_none=True)
     bar.close()
-
-    n_steps = cfg.num_inner_epochs * k_steps
-    grad_norm = grad_norm_sum / (n_steps - skipped)  # NaN if every step was skipped
-    vals = torch.cat([sums / count.clamp(min=1), torch.stack([grad_norm, first_dev, count, skipped])]).tolist()
-    metrics = dict(zip(_ITEM_METRICS + ("grad_norm", "first_ratio_max_dev", "items", "skipped_steps"), vals))
-    if reference is None:
-        del metrics["kl"]
-    if grad_scaler is None:
-        del metrics["skipped_steps"]
-    if aux_loss is not None:
-        metrics["pretrain_loss"] = float(aux_sum) / n_aux
-    metrics["optimizer_steps"] = float(n_steps)
-    return metrics
+    return tally.metrics(cfg.num_inner_epochs * k_steps, kl=reference is not None, scaled=grad_scaler is not None)
