@@ -243,12 +243,21 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
         # SDXL's VAE overflows in fp16 (inf/NaN images; diffusers' force_upcast, which its SD pipelines ignore):
-        # the loader sets this for SDXL, and decode_latents then decodes an fp16 VAE in fp32. A runtime setting of
-        # the pipeline, not architecture, so not in VAEConfig.
+        # the loader sets this for SDXL, and encode/decode_latents then run an fp16 VAE in fp32. A runtime setting
+        # of the pipeline, not architecture, so not in VAEConfig.
         self.upcast_fp16 = False
+
+    def _upcast(self) -> None:
+        """With upcast_fp16, an fp16 VAE becomes fp32 and stays so (160 MB): casting it back after every call, as
+        diffusers does, would copy the weights twice per call."""
+        if self.upcast_fp16 and self.decoder.conv_in.weight.dtype == torch.float16:
+            self.float()
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B,3,H,W) in [-1,1] -> (mean, logvar), each (B,4,H/8,W/8), unscaled."""
+        if self.upcast_fp16:   # SDXL: x in the VAE's (then fp32) dtype
+            self._upcast()
+            x = x.to(self.encoder.conv_in.weight.dtype)
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -265,9 +274,7 @@ class AutoencoderKL(nn.Module):
         """Scaled latents (what the UNet sees) -> float32 images in [0,1]. Decodes chunk_size samples at a
         time: the full-resolution activations of the last up blocks, not the weights, bound decode memory."""
         assert chunk_size is None or chunk_size >= 1, f"chunk_size must be a positive int or None, got {chunk_size}"
-        if self.upcast_fp16 and self.decoder.conv_in.weight.dtype == torch.float16:
-            # kept in fp32 from now on (160 MB): casting back after every decode, as diffusers does, copies it twice
-            self.float()
+        self._upcast()
         dtype = self.decoder.conv_in.weight.dtype   # latents usually arrive in fp32 from the sampler
         z = (latents / self.config.scaling_factor).to(dtype)
         chunks = z.split(chunk_size or len(z))

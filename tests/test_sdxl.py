@@ -382,6 +382,11 @@ def test_fp16_vae_decodes_in_fp32(xl):
     got = vae.decode_latents(z)
     assert vae.decoder.conv_in.weight.dtype == torch.float32 and torch.isfinite(got).all()
     assert (got - want).abs().max() <= 2e-3   # the weights went through fp16 once
+    # encoding too (the pretraining regulariser encodes images): an fp16 VAE and fp16 input run in fp32
+    img = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean32 = vae.encode(img)[0]
+    mean = vae.half().encode(img.half())[0]
+    assert mean.dtype == vae.encoder.conv_in.weight.dtype == torch.float32 and (mean - mean32).abs().max() <= 1e-2
 
 
 def test_bad_sdxl_inputs(xl, tmp_path):
