@@ -75,8 +75,8 @@ def flag(default, help: str, **argparse_kw):
 @dataclass
 class TrainConfig:
     # model
-    model: str = flag(DEFAULT_MODEL, "hub id, local diffusers folder, .safetensors/.ckpt file, 'shapes' (our "
-                      "pretrained toy, CPU) or 'tiny' (random, for tests)")
+    model: str = flag(DEFAULT_MODEL, "SD 1.x/2.x or SDXL: hub id, local diffusers folder or .safetensors/.ckpt file; "
+                      "'shapes' (our pretrained toy, CPU); 'tiny' or 'tiny-sdxl' (random, for tests)")
     size: int | None = flag(None, "image size in pixels (default: the model's native size)")
     negative_prompt: str = flag("", "the unconditional prompt of classifier-free guidance (default: empty)")
     precision: str | None = flag(None, "autocast dtype of the frozen weights and the compute; trainable weights "

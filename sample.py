@@ -51,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = ArgumentParser(prog="sample.py", description="Sample a captioned image grid from SD (base or DDPO fine-tuned).",
                        epilog=reward_help())
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="hub id, diffusers folder, .safetensors/.ckpt file, 'shapes' (our pretrained toy) or "
-                   f"'tiny' (random) (default: the --finetuned run's model, else {DEFAULT_MODEL})")
+    g.add_argument("--model", help="SD 1.x/2.x or SDXL: hub id, diffusers folder or .safetensors/.ckpt file; 'shapes' "
+                   "(our pretrained toy); 'tiny' or 'tiny-sdxl' (random) (default: the --finetuned run's model, else "
+                   f"{DEFAULT_MODEL})")
     g.add_argument("--finetuned", metavar="CKPT",
                    help="trainer output to apply: run dir, LoRA .safetensors, or full UNet folder/file")
     g.add_argument("--compare", action="store_true",
