@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags -> a complete, validated config. With --resume the run's config.json is the config and only
+def parse_args(argv: list[str] | None = None, world: int = 1) -> TrainConfig:
+    """Flags -> a complete config, validated for `world` processes. With --resume the run's config.json is the config and only
     RESUME_OVERRIDABLE flags may be given again."""
     given = vars(build_parser().parse_args(argv))
     if given.get("resume") is not None:
@@ -235,7 +235,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         # flags added since the run started take their defaults
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if k in known}, **given, "out": given["resume"]})
-        validate(cfg)
+        validate(cfg, world)
         return cfg
     per_model = dict(MODEL_DEFAULTS.get(given.get("model", DEFAULT_MODEL), {}))
     if given.get("task"):   # each task brings its own prompts and is evaluated on them: no default evaluation sets
@@ -251,7 +251,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         cfg.lora_alpha = float(cfg.lora_rank)
     if cfg.out is None:
         cfg.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    validate(cfg)
+    validate(cfg, world)
     return cfg
 
 

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from cli import fail
-from config import TrainConfig, parse_args, task_specs, validate
+from config import TrainConfig, parse_args, task_specs
 from ddpo import PerPromptStatTracker, Samples, batch_advantages, ddpo_update, group_advantages
 from policy import Policy, build_policy, build_update, evaluate_all, sample_seed, sync
 from pretrain_data import PretrainLoss, read_pairs
@@ -119,9 +119,8 @@ def setup(argv: list[str] | None):
     # the same text through warnings.warn would print again, with a source line
     warnings.simplefilter("ignore", RewardWarning)
     try:
-        cfg = parse_args(argv)
         world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the process group starts once inputs are checked
-        validate(cfg, world)
+        cfg = parse_args(argv, world)
         specs = task_specs(cfg)
         prompt_sets = [eval_sets(cfg, spec) for spec in specs]
         for spec, sets in zip(specs, prompt_sets):
