@@ -5,8 +5,9 @@ Pretraining the shapes model: the latent-diffusion recipe (Rombach et al. 2022) 
     stage 2  latents    every dataset image encoded once; scaling_factor = 1 / std(z)   (SD's 0.18215 is the same
                         statistic of SD's own VAE)
     stage 3  UNet + CLIP text encoder, jointly, on the "simple" objective (scheduler.denoising_loss):
-                 L = E_{x0, c, t, eps} || eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, tau(c)) ||^2
-             with 10% of captions replaced by "" (the exact empty prompt the sampler's CFG uses) and an EMA of the
+                 L = E_{x0, c, t, eps} w_t || eps - eps_theta(sqrt(a_t) x0 + sqrt(1 - a_t) eps, t, tau(c)) ||^2
+             with P2 weights w_t = (1 + SNR_t)^-0.5 (Choi et al. 2022: more weight where layout is decided),
+             10% of captions replaced by "" (the exact empty prompt the sampler's CFG uses) and an EMA of the
              weights (the EMA is what ships).
 
 The data is the shapes world (shapes.py): a fixed set of captioned images, deterministic per index, drawn from the
@@ -14,8 +15,9 @@ training split only (held-out combinations never appear). The result is a diffus
 unet/ vae/ text_encoder/ tokenizer/ scheduler/) that load_pipeline("shapes") and diffusers' StableDiffusionPipeline
 load; weights are stored in fp16 to keep the folder small (the model computes in fp32).
 
-    python pretrain.py                       # ~50 min on 2 CPU cores, writes models/shapes/
+    python pretrain.py                       # ~45-50 min on 2 CPU cores, writes models/shapes/
     python pretrain.py --resume              # continue an interrupted run from its last checkpoint
+    python pretrain.py --relation-probe models/shapes   # does a model read "left of"? (also printed at the end)
     python pretrain.py --vae-steps 20 --unet-steps 20 --dataset-size 256 --out /tmp/p --export /tmp/m   # a smoke run
 
 Every stage checkpoints atomically to --out/state.pt (models, optimizers, EMA, RNG, step), so a kill loses at
@@ -66,14 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-batch-size", type=int, default=32, help="VAE batch size")
     p.add_argument("--vae-lr", type=float, default=2e-3, help="VAE peak learning rate (cosine decay)")
     p.add_argument("--kl-weight", type=float, default=1e-6, help="VAE KL weight (SD's kl-f8 uses 1e-6)")
-    p.add_argument("--unet-steps", type=int, default=6000, help="UNet + text encoder optimizer steps")
+    p.add_argument("--unet-steps", type=int, default=8000, help="UNet + text encoder optimizer steps")
     p.add_argument("--batch-size", type=int, default=64, help="UNet batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (cosine decay)")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps of each stage")
+    p.add_argument("--p2-gamma", type=float, default=0.5,
+                   help="P2 loss weighting (1 + SNR_t)^-gamma toward high noise, where layout is decided (0: SD's plain loss)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of captions replaced by ''")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (0: no EMA)")
     p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
     p.add_argument("--log-every", type=int, default=50, help="append the loss to --out/log.jsonl every N steps")
+    p.add_argument("--relation-probe", metavar="FOLDER",
+                   help="only print how much the shapes model in FOLDER reads relation words (see relation_probe)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     return p
 
@@ -183,7 +189,7 @@ def train_vae(args, vae, images, state, out: Path) -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(mse=f"{rec.item():.4f}")
+        bar.set_postfix(mse=f"{rec.item():.4f}", refresh=False)   # shown at the next redraw
         if (step + 1) % args.log_every == 0:
             log(out, {"stage": "vae", "step": step + 1, "mse": rec.item(), "loss": loss.item()})
         if (step + 1) % args.save_every == 0 or step + 1 == args.vae_steps:
@@ -212,6 +218,34 @@ def reconstruction_score(vae, images: torch.Tensor, captions: list[str], n: int 
     x = to_model(images[:n])
     rec = ((vae.decode(vae.encode(x)[0]) / 2 + 0.5).clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     return float(np.mean(shapes.score_batch(rec, captions[:n])["reward"]))
+
+
+SWAPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+@torch.no_grad()
+def relation_probe(unet, encode, vae, n: int = 128, t_min: int = 600, seed: int = 123) -> tuple[float, float]:
+    """Does the denoiser read relation words? The ε-MSE at high noise (t >= t_min, where layout is decided) on n
+    relation images of the training split with their own captions and with the relation swapped (left of <-> right
+    of, above <-> below), on the same x_t: (own, swapped). Equal numbers mean the words change nothing.
+    encode: list of captions -> (n, 77, D) conditioning."""
+    items = [shapes.dataset_item(i, "train", seed) for i in range(40 * n)]
+    items = [(im, c) for im, c in items if shapes.parse(c).relation][:n]
+    own = [c for _, c in items]
+    swapped = [next(c.replace(f" {a} ", f" {b} ") for a, b in SWAPPED.items() if f" {a} " in c) for c in own]
+    x0 = vae.encode(to_model(torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2)))[0]
+    x0 = x0 * vae.config.scaling_factor
+    sched = DDIMScheduler(SchedulerConfig(), num_steps=1)
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.randint(t_min, sched.config.num_train_timesteps, (len(own),), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    return tuple(denoising_loss(unet, sched, x0, encode(c), t, noise).item() for c in (own, swapped))
+
+
+def describe_probe(probe: tuple[float, float]) -> str:
+    own, swapped = probe
+    return (f"relation words: eps-MSE at t >= 600 {own:.5f} with each caption's relation, {swapped:.5f} with it "
+            f"swapped ({(swapped - own) / own:+.2%}; 0 means the model ignores them)")
 
 
 def train_unet(args, unet, text, latents, captions, state, out: Path, tokenize, carry: dict) -> EMA:
@@ -248,14 +282,14 @@ def train_unet(args, unet, text, latents, captions, state, out: Path, tokenize, 
         rows = torch.where(torch.rand(args.batch_size, generator=gen) < args.caption_dropout, 0, caption_rows[idx])
         t = torch.randint(T, (args.batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
-        loss = denoising_loss(unet, sched, x0, text(ids[rows]).last_hidden_state, t, noise)
+        loss = denoising_loss(unet, sched, x0, text(ids[rows]).last_hidden_state, t, noise, args.p2_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if ema is not None:
             ema.update([unet, text], step)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (step + 1) % args.log_every == 0:
             log(out, {"stage": "unet", "step": step + 1, "loss": loss.item()})
         if (step + 1) % args.save_every == 0 or step + 1 == args.unet_steps:
@@ -271,6 +305,11 @@ def train_unet(args, unet, text, latents, captions, state, out: Path, tokenize, 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.relation_probe:
+        from weights import load_pipeline
+        pipe = load_pipeline(args.relation_probe)
+        print(describe_probe(relation_probe(pipe.unet, pipe.encode_prompts, pipe.vae)))
+        return
     out = Path(args.out)
     if args.resume:   # the run's own flags: a changed step count would change its learning-rate schedule
         if not (out / "state.pt").exists() or not (out / "config.json").exists():
@@ -282,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
                  "log_every"):
         if getattr(args, name) < 1:
             raise SystemExit(f"pretrain.py: error: --{name.replace('_', '-')} must be >= 1")
+    if args.p2_gamma < 0:
+        raise SystemExit("pretrain.py: error: --p2-gamma must be >= 0 (0: the plain loss)")
     if not 0 <= args.caption_dropout < 1 or not 0 <= args.ema < 1:
         raise SystemExit("pretrain.py: error: --caption-dropout and --ema must be in [0, 1)")
     if (out / "state.pt").exists() and not args.resume:
@@ -314,8 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     train_unet(args, unet, text, latents, captions, state, out, lambda ps: tokenize(tok, ps), {"vae": vae.state_dict()})
     save_pipeline(args.export, unet, vae, text, dtype=torch.float16)
     minutes = (time.perf_counter() - t0) / 60
+    probe = relation_probe(unet, lambda cs: text(tokenize(tok, cs)).last_hidden_state, vae)
+    print(describe_probe(probe))
     log(out, {"stage": "done", "minutes_this_session": minutes, "vae_reconstruction_reward": recon,
-              "scaling_factor": latents[2]})
+              "scaling_factor": latents[2], "relation_probe": probe})
     print(f"wrote {args.export} ({minutes:.1f} min in this session)")
 
 

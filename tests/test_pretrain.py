@@ -62,5 +62,22 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
 def test_bad_flags_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--unet-steps must be >= 1"):
         pretrain.main(["--unet-steps", "0", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--p2-gamma must be >= 0"):
+        pretrain.main(["--p2-gamma", "-1", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="no .*state.pt; start without --resume"):
         pretrain.main(["--resume", "--out", str(tmp_path / "nothing")])
+
+
+def test_relation_probe_tells_a_model_that_reads_relation_words_from_one_that_does_not():
+    """relation_probe compares the ε-MSE with each relation caption and with its relation swapped, on the same x_t:
+    a denoiser blind to the caption scores both the same, one whose output follows the caption does not."""
+    vae, _, _ = pretrain.build_models(0)
+    vae.eval()
+    encode = lambda caps: torch.stack([torch.full((77, 4), float(" left of " in c or " above " in c)) for c in caps])
+    blind = lambda x, t, c: torch.zeros_like(x)
+    reads = lambda x, t, c: c[:, 0, :4, None, None].expand_as(x)   # the caption's relation moves the prediction
+    own, swapped = pretrain.relation_probe(blind, encode, vae, n=16)
+    assert own == swapped
+    own, swapped = pretrain.relation_probe(reads, encode, vae, n=16)
+    assert abs(own - swapped) > 0.1 * own
+    assert pretrain.SWAPPED["left of"] == "right of" and pretrain.SWAPPED["below"] == "above"

@@ -314,3 +314,22 @@ def test_rollout_bad_seeds(tiny):
     _, _, unet, vae, cond, uncond = tiny
     with pytest.raises(AssertionError, match="one seed per sample"):
         S.rollout(unet, vae, sched(num_steps=2), cond, uncond, seeds=[1, 2])
+
+
+def test_denoising_loss_p2_weighting_is_one_over_root_one_plus_snr():
+    """p2_gamma=0 is the plain ε-MSE; p2_gamma=γ weights each sample by (1 + ᾱ/(1−ᾱ))^-γ = (1 − ᾱ)^γ, computed
+    independently here from the float64 schedule, so nearly clean timesteps count far less than noisy ones."""
+    sched = S.DDIMScheduler(S.SchedulerConfig.from_dict(SD_SCHED), num_steps=50)
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([1, 250, 600, 999])
+    zero = lambda x, t, c: torch.zeros_like(x)   # the loss is then mean(ε²) per sample, weighted
+    per_sample = noise.pow(2).flatten(1).mean(1).double()
+    assert S.denoising_loss(zero, sched, x0, torch.zeros(4, 77, 8), t, noise).item() == pytest.approx(
+        per_sample.mean().item(), rel=1e-6)
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    a = np.cumprod(1 - betas)[t.numpy()]
+    w = (1 - a) ** 0.5
+    assert w[0] < 0.05 and w[-1] > 0.99
+    got = S.denoising_loss(zero, sched, x0, torch.zeros(4, 77, 8), t, noise, p2_gamma=0.5).item()
+    assert got == pytest.approx(float((per_sample.numpy() * w).mean()), rel=1e-5)
