@@ -26,6 +26,7 @@ most --save-every steps and a resumed run continues exactly.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -229,8 +230,8 @@ def relation_probe(unet, encode, vae, n: int = 128, t_min: int = 600, seed: int 
     relation images of the training split with their own captions and with the relation swapped (left of <-> right
     of, above <-> below), on the same x_t: (own, swapped). Equal numbers mean the words change nothing.
     encode: list of captions -> (n, 77, D) conditioning."""
-    items = [shapes.dataset_item(i, "train", seed) for i in range(40 * n)]
-    items = [(im, c) for im, c in items if shapes.parse(c).relation][:n]
+    drawn = (shapes.dataset_item(i, "train", seed) for i in range(100 * n))   # a quarter are relation captions
+    items = list(itertools.islice(((im, c) for im, c in drawn if shapes.parse(c).relation), n))
     own = [c for _, c in items]
     swapped = [next(c.replace(f" {a} ", f" {b} ") for a, b in SWAPPED.items() if f" {a} " in c) for c in own]
     x0 = vae.encode(to_model(torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2)))[0]
