@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (out / "state.pt").exists() or not (out / "config.json").exists():
             raise SystemExit(f"pretrain.py: error: --resume: no {out}/state.pt; start without --resume")
         saved = json.loads((out / "config.json").read_text())
+        saved.setdefault("p2_gamma", 0.0)   # a run begun before --p2-gamma existed trains on the plain loss
         args = argparse.Namespace(**{**vars(build_parser().parse_args([])), **saved, "resume": True,
                                      "threads": args.threads})
     for name in ("dataset_size", "vae_steps", "unet_steps", "batch_size", "vae_batch_size", "save_every",
