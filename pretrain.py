@@ -26,6 +26,7 @@ most --save-every steps and a resumed run continues exactly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -74,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="UNet + text encoder peak learning rate (cosine decay)")
     p.add_argument("--warmup", type=int, default=200, help="linear warm-up steps of each stage")
     p.add_argument("--p2-gamma", type=float, default=0.5,
-                   help="P2 loss weighting (1 + SNR_t)^-gamma toward high noise, where layout is decided (0: SD's plain loss)")
+                   help="P2 loss weights (1 + SNR_t)^-gamma: more weight on high noise, where layout is decided "
+                        "(0: SD's plain loss)")
     p.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of captions replaced by ''")
     p.add_argument("--ema", type=float, default=0.999, help="EMA decay of the shipped weights (0: no EMA)")
     p.add_argument("--save-every", type=int, default=250, help="checkpoint every N steps")
@@ -222,10 +224,12 @@ def reconstruction_score(vae, images: torch.Tensor, captions: list[str], n: int 
 
 
 SWAPPED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+PROBE_T_MIN = 600   # the relation probe's noise levels, t >= this: where layout is decided
 
 
 @torch.no_grad()
-def relation_probe(unet, encode, vae, n: int = 128, t_min: int = 600, seed: int = 123) -> tuple[float, float]:
+def relation_probe(unet, encode, vae, n: int = 128, t_min: int = PROBE_T_MIN,
+                   seed: int = 123) -> tuple[float, float]:
     """Does the denoiser read relation words? The ε-MSE at high noise (t >= t_min, where layout is decided) on n
     relation images of the training split with their own captions and with the relation swapped (left of <-> right
     of, above <-> below), on the same x_t: (own, swapped). Equal numbers mean the words change nothing.
@@ -233,7 +237,8 @@ def relation_probe(unet, encode, vae, n: int = 128, t_min: int = 600, seed: int 
     drawn = (shapes.dataset_item(i, "train", seed) for i in range(100 * n))   # a quarter are relation captions
     items = list(itertools.islice(((im, c) for im, c in drawn if shapes.parse(c).relation), n))
     own = [c for _, c in items]
-    swapped = [next(c.replace(f" {a} ", f" {b} ") for a, b in SWAPPED.items() if f" {a} " in c) for c in own]
+    swapped = [shapes.caption(dataclasses.replace(spec, relation=SWAPPED[spec.relation]))
+               for spec in map(shapes.parse, own)]
     x0 = vae.encode(to_model(torch.from_numpy(np.stack([im for im, _ in items])).permute(0, 3, 1, 2)))[0]
     x0 = x0 * vae.config.scaling_factor
     sched = DDIMScheduler(SchedulerConfig(), num_steps=1)
@@ -245,7 +250,7 @@ def relation_probe(unet, encode, vae, n: int = 128, t_min: int = 600, seed: int 
 
 def describe_probe(probe: tuple[float, float]) -> str:
     own, swapped = probe
-    return (f"relation words: eps-MSE at t >= 600 {own:.5f} with each caption's relation, {swapped:.5f} with it "
+    return (f"relation words: eps-MSE at t >= {PROBE_T_MIN} {own:.5f} with each caption's relation, {swapped:.5f} with it "
             f"swapped ({(swapped - own) / own:+.2%}; 0 means the model ignores them)")
 
 

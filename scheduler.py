@@ -268,15 +268,15 @@ def denoising_loss(unet: Callable, scheduler: DDIMScheduler, x0: torch.Tensor, c
     pretrain.py trains the shapes model with it; the same function is the pretraining-loss regulariser L_pre.
 
     p2_gamma > 0: P2 weighting (Choi et al. 2022, "Perception Prioritized Training", k = 1), each sample's loss
-    times (1 + SNR_t)^-γ, SNR_t = ᾱ_t/(1 − ᾱ_t). The plain loss is dominated by the nearly clean timesteps (the shapes model: ε-MSE 0.35
-    for t < 300, 0.03 for t > 600), while what a picture holds and where — counts, layout — is decided at high noise;
-    P2 moves the weight there."""
+    times (1 + SNR_t)^-γ, SNR_t = ᾱ_t/(1 − ᾱ_t). The plain loss is dominated by the nearly clean timesteps (the
+    shapes model: ε-MSE 0.35 for t < 300, 0.03 for t > 600), while what a picture holds and where (counts, layout)
+    is decided at high noise; P2 moves the weight there."""
     a = scheduler.alphas_cumprod[t].view(-1, *(1,) * (x0.dim() - 1))
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     target = noise if scheduler.config.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
     err = (unet(x_t.to(cond.dtype), t, cond).float() - target.float()).pow(2)
     if not p2_gamma:
         return err.mean()
-    a = a.flatten().float()
-    weight = (1 + a / (1 - a)) ** -p2_gamma                                   # (B,)
+    abar = a.flatten().float()
+    weight = (1 + abar / (1 - abar)) ** -p2_gamma                             # (B,)
     return (err.flatten(1).mean(1) * weight).mean()
