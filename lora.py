@@ -1,5 +1,5 @@
 """
-LoRA: low-rank adapters on the UNet's linear layers (Hu et al. 2021, "LoRA", eq. 3).
+LoRA: low-rank adapters on the UNet's linear and convolution layers (Hu et al. 2021, "LoRA", eq. 3).
 
 A frozen linear layer W (out x in) gets a trainable low-rank update:
 
@@ -10,11 +10,14 @@ the SD attention projections instead of ~860M). LoRALinear *is* an nn.Linear tha
 base keys of the UNet state dict stay in diffusers layout; the adapter adds "<path>.lora_A.weight" and
 "<path>.lora_B.weight" (PEFT/diffusers naming). The same base weights with the adapters switched off
 (`disabled`) are the reference policy for a KL penalty, and folding B A into W (`merged`) gives plain-Linear
-speed for rollouts.
+speed for rollouts. A convolution gets the same update on its kernel, W (out x in*k*k) + (alpha / r) * B A, with A a
+k x k convolution to r channels and B a 1 x 1 convolution back (LoRAConv2d, PEFT's layout): on SD the attention
+holds enough of the model, on a toy UNet most weights are in the ResNet convolutions.
 
 Public API
     LoRALinear(in_features, out_features, bias=True, *, rank, alpha=None)  nn.Linear + lora_A/lora_B/scale
-    add_lora(model, rank=4, alpha=None, targets=DEFAULT_TARGETS) -> list[Parameter]  adapters on matching Linears
+    LoRAConv2d(in_ch, out_ch, kernel_size, stride, padding, bias, *, rank, alpha)  the same for nn.Conv2d (PEFT's)
+    add_lora(model, rank=4, alpha=None, targets=DEFAULT_TARGETS) -> list[Parameter]  adapters on matching layers
     lora_parameters(model) -> list[Parameter]       the adapter parameters (A then B, module order)
     lora_state_dict(model, prefix="unet.") -> dict  "<prefix><path>.lora_A.weight" / ".lora_B.weight"
     save_lora(path, model, metadata=None)           safetensors + {"format": "nanoddpo-lora", rank, alpha, targets}
@@ -22,7 +25,7 @@ Public API
     load_lora(model, path, prefix="unet.") -> dict  adds adapters if missing, copies A/B, returns the metadata
     merged(model)      context manager: W <- W + scale B A for fast inference; original W restored bit-exactly
     disabled(model)    context manager: adapters off (the base / reference policy)
-    merge_and_remove(model) -> model                permanent merge, LoRALinear -> nn.Linear (for export)
+    merge_and_remove(model) -> model                permanent merge, LoRA layers -> plain layers (for export)
 """
 import json
 import math
@@ -39,40 +42,35 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FORMAT = "nanoddpo-lora"
 
 
-class LoRALinear(nn.Linear):
-    """nn.Linear plus a low-rank update scale * B(A(x)). A: Linear(in -> r), B: Linear(r -> out), no biases."""
+class _LoRA:
+    """What a LoRA layer adds to its base layer: rank, alpha, scale, the fp32 adapters lora_A / lora_B (built by
+    the subclass), the switch for the reference policy and the slot for merged()."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int,
-                 alpha: float | None = None, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+    def _init_lora(self, rank: int, alpha: float | None) -> None:
         if rank < 1:
             raise ValueError(f"lora.py: rank must be >= 1, got {rank}")
         self.rank = int(rank)
         self.alpha = float(rank if alpha is None else alpha)
         self.scale = self.alpha / self.rank
-        # adapters are trained in fp32 even when the frozen base weight is bf16/fp16
-        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=torch.float32)
-        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=torch.float32)
-        self.reset_lora_parameters()
         self.lora_enabled = True
         self._unmerged_weight = None  # the original weight tensor while merged() is active
 
     def reset_lora_parameters(self) -> None:
-        # PEFT's default: A like a fresh nn.Linear (kaiming-uniform, a=sqrt(5)), B = 0 -> identity at init
+        # PEFT's default: A like a fresh layer (kaiming-uniform, a=sqrt(5)), B = 0 -> identity at init
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float | None = None) -> "LoRALinear":
-        """Wrap an existing nn.Linear, sharing (not copying) its weight and bias Parameters."""
-        w = linear.weight
-        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, rank=rank, alpha=alpha,
-                  device="meta", dtype=w.dtype)
-        new.weight, new.bias = linear.weight, linear.bias
+    def wrap(cls, layer: nn.Module, rank: int, alpha: float | None = None):
+        """Wrap an existing layer, sharing (not copying) its weight and bias Parameters."""
+        w = layer.weight
+        new = cls(*cls._shape_args(layer), bias=layer.bias is not None, rank=rank, alpha=alpha, device="meta",
+                  dtype=w.dtype)
+        new.weight, new.bias = layer.weight, layer.bias
         new.lora_A.to_empty(device=w.device)
         new.lora_B.to_empty(device=w.device)
         new.reset_lora_parameters()
-        new.train(linear.training)
+        new.train(layer.training)
         return new
 
     @property
@@ -80,23 +78,83 @@ class LoRALinear(nn.Linear):
         return self._unmerged_weight is not None
 
     def delta_weight(self) -> torch.Tensor:
-        """scale * B @ A in fp32, (out, in)."""
-        return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scale
+        """scale * B @ A in fp32, in the base weight's shape: (out, in), or (out, in, k, k) for a convolution."""
+        b, a = self.lora_B.weight.float().flatten(1), self.lora_A.weight.float().flatten(1)
+        return (b @ a).view(self.weight.shape) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = super().forward(x)
         if self.lora_enabled and not self.is_merged:
             # the adapter path runs in the input's dtype (autocast casts it anyway); .to() keeps the fp32 grads
-            a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
-            out = out + F.linear(F.linear(x, a), b) * self.scale
+            out = out + self._adapter(x, self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)) * self.scale
         return out
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", rank={self.rank}, alpha={self.alpha:g}"
 
 
-def _lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+class LoRALinear(_LoRA, nn.Linear):
+    """nn.Linear plus a low-rank update scale * B(A(x)). A: Linear(in -> r), B: Linear(r -> out), no biases."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rank: int,
+                 alpha: float | None = None, device=None, dtype=None):
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_lora(rank, alpha)
+        # adapters are trained in fp32 even when the frozen base weight is bf16/fp16
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device, dtype=torch.float32)
+        self.reset_lora_parameters()
+
+    @staticmethod
+    def _shape_args(layer: nn.Linear) -> tuple:
+        return layer.in_features, layer.out_features
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float | None = None) -> "LoRALinear":
+        return cls.wrap(linear, rank, alpha)
+
+    def _adapter(self, x, a, b):
+        return F.linear(F.linear(x, a), b)
+
+    def plain(self) -> nn.Linear:
+        return nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+
+
+class LoRAConv2d(_LoRA, nn.Conv2d):
+    """nn.Conv2d plus a low-rank update (PEFT's Conv2d LoRA, LoCon): A is a k x k convolution in -> r with the base
+    layer's stride and padding, B a 1 x 1 convolution r -> out, so B A is a rank-r update of the (out, in*k*k)
+    kernel. On a small UNet most weights sit in the ResNet convolutions, not in the attention."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, bias: bool = True, *,
+                 rank: int, alpha: float | None = None, device=None, dtype=None):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, bias=bias, device=device,
+                           dtype=dtype)
+        self._init_lora(rank, alpha)
+        self.lora_A = nn.Conv2d(in_channels, rank, kernel_size, stride, padding, bias=False, device=device,
+                                dtype=torch.float32)
+        self.lora_B = nn.Conv2d(rank, out_channels, 1, bias=False, device=device, dtype=torch.float32)
+        self.reset_lora_parameters()
+
+    @staticmethod
+    def _shape_args(layer: nn.Conv2d) -> tuple:
+        if layer.groups != 1 or layer.dilation != (1, 1) or layer.padding_mode != "zeros":
+            raise ValueError(f"lora.py: LoRA supports plain convolutions only (groups 1, dilation 1, zero padding), "
+                             f"not {layer}")
+        return layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding
+
+    def _adapter(self, x, a, b):
+        return F.conv2d(F.conv2d(x, a, None, self.stride, self.padding), b)
+
+    def plain(self) -> nn.Conv2d:
+        return nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
+                         bias=self.bias is not None, device="meta")
+
+
+LORA_LAYERS = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}
+
+
+def _lora_modules(model: nn.Module) -> list[tuple[str, _LoRA]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _LoRA)]
 
 
 def _matches(name: str, targets) -> bool:
@@ -111,9 +169,10 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None,
              targets=DEFAULT_TARGETS) -> list[nn.Parameter]:
-    """Replace every nn.Linear whose module path ends with one of `targets` by a LoRALinear (sharing its
-    weight/bias). Returns the new adapter parameters (fp32, requires_grad=True). Leaves requires_grad of the
-    base weights alone: freeze them yourself (model.requires_grad_(False) before calling) for LoRA training."""
+    """Replace every nn.Linear or nn.Conv2d whose module path ends with one of `targets` by its LoRA layer
+    (sharing its weight/bias). Returns the new adapter parameters (fp32, requires_grad=True). Leaves requires_grad
+    of the base weights alone: freeze them yourself (model.requires_grad_(False) before calling) for LoRA
+    training."""
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not targets:
         raise ValueError("lora.py: add_lora got no targets; pass module-path suffixes such as ('to_q', 'to_k')")
@@ -121,19 +180,19 @@ def add_lora(model: nn.Module, rank: int = 4, alpha: float | None = None,
     for name, m in model.named_modules():
         if not name or not _matches(name, targets):
             continue
-        if isinstance(m, LoRALinear):
+        if isinstance(m, _LoRA):
             raise ValueError(f"lora.py: {name} already has a LoRA adapter; call add_lora once per model "
                              "(or load_lora on a model without adapters)")
-        if type(m) is not nn.Linear:
-            raise ValueError(f"lora.py: target {name} is {type(m).__name__}, LoRA supports nn.Linear only; "
-                             "remove it from targets (SD1.x proj_in/proj_out are 1x1 convs)")
+        if type(m) not in LORA_LAYERS:
+            raise ValueError(f"lora.py: target {name} is {type(m).__name__}; LoRA supports nn.Linear and nn.Conv2d "
+                             "only: remove it from targets")
         chosen.append((name, m))
     if not chosen:
-        raise ValueError(f"lora.py: no nn.Linear in {type(model).__name__} matches targets {list(targets)}; "
-                         "targets are module-path suffixes such as 'to_q' or 'ff.net.2'")
+        raise ValueError(f"lora.py: no nn.Linear or nn.Conv2d in {type(model).__name__} matches targets "
+                         f"{list(targets)}; targets are module-path suffixes such as 'to_q', 'ff.net.2' or 'conv1'")
     params = []
     for name, m in chosen:
-        new = LoRALinear.from_linear(m, rank, alpha)
+        new = LORA_LAYERS[type(m)].wrap(m, rank, alpha)
         _set_submodule(model, name, new)
         params += [new.lora_A.weight, new.lora_B.weight]
     prev = getattr(model, "lora_targets", ())
@@ -272,20 +331,20 @@ def disabled(model: nn.Module):
 
 
 def merge_and_remove(model: nn.Module) -> nn.Module:
-    """Permanently fold the adapters into the weights and swap every LoRALinear back to a plain nn.Linear
-    (same weight dtype/device), so the state dict is the pure base layout again (for export)."""
+    """Permanently fold the adapters into the weights and swap every LoRA layer back to its plain nn.Linear /
+    nn.Conv2d (same weight dtype/device), so the state dict is the pure base layout again (for export)."""
     for name, m in _lora_modules(model):
         if m.is_merged:
             raise RuntimeError("lora.py: merge_and_remove() inside merged(); leave merged() first")
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        layer = m.plain()
         with torch.no_grad():
             w = m.weight.detach()
             if m.lora_enabled:
                 w = (w.float() + m.delta_weight()).to(w.dtype)
-            lin.weight = nn.Parameter(w.clone(), requires_grad=m.weight.requires_grad)
-        lin.bias = m.bias
-        lin.train(m.training)
-        _set_submodule(model, name, lin)
+            layer.weight = nn.Parameter(w.clone(), requires_grad=m.weight.requires_grad)
+        layer.bias = m.bias
+        layer.train(m.training)
+        _set_submodule(model, name, layer)
     if hasattr(model, "lora_targets"):
         del model.lora_targets
     return model

@@ -174,12 +174,69 @@ def test_save_load_round_trip(tmp_path):
 def test_bad_targets_give_clear_errors():
     with pytest.raises(ValueError, match="no nn.Linear"):
         lora.add_lora(make(), targets=("to_qq",))
-    with pytest.raises(ValueError, match="nn.Linear only"):
-        lora.add_lora(make(), targets=("proj_in",))
+    with pytest.raises(ValueError, match="nn.Linear and nn.Conv2d only"):
+        lora.add_lora(make(), targets=("proj_in",))   # a Conv1d
     m = make()
     lora.add_lora(m)
     with pytest.raises(ValueError, match="already has a LoRA"):
         lora.add_lora(m)
+
+
+class ResBlock(nn.Module):
+    """Diffusers-like convolution paths: conv1 (3x3), conv2 (3x3, stride 2), conv_shortcut (1x1, stride 2)."""
+
+    def __init__(self, c=6, out=8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, out, 3, stride=2, padding=1)
+        self.conv_shortcut = nn.Conv2d(c, out, 1, stride=2, bias=False)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x))) + self.conv_shortcut(x)
+
+
+def test_conv_lora_is_a_low_rank_kernel_update_and_merges_exports_and_round_trips(tmp_path):
+    """LoRAConv2d: identity at init; its output equals the convolution with W + scale * B A as the kernel; merged
+    and merge_and_remove give the same function; disabled gives the base; save/load restores it."""
+    torch.manual_seed(0)
+    base = ResBlock()
+    m = ResBlock()
+    m.load_state_dict(base.state_dict())
+    x = torch.randn(2, 6, 10, 10)
+    targets = ("conv1", "conv2", "conv_shortcut")
+    lora.add_lora(m.requires_grad_(False), rank=2, alpha=3.0, targets=targets)
+    assert torch.equal(m(x), base(x))                               # B = 0: the base model exactly
+    assert set(m.state_dict()) == set(base.state_dict()) | {f"{t}.lora_{p}.weight" for t in targets for p in "AB"}
+    assert m.conv2.lora_A.weight.shape == (2, 6, 3, 3) and m.conv2.lora_B.weight.shape == (8, 2, 1, 1)
+    randomize_lora(m)
+    y = m(x)
+    kernel = base.conv2.weight + 1.5 * (m.conv2.lora_B.weight.flatten(1) @ m.conv2.lora_A.weight.flatten(1)).view(8, 6, 3, 3)
+    h = torch.relu(torch.nn.functional.conv2d(x, base.conv1.weight + m.conv1.delta_weight(), base.conv1.bias, padding=1))
+    want = torch.nn.functional.conv2d(h, kernel, base.conv2.bias, stride=2, padding=1) + torch.nn.functional.conv2d(
+        x, base.conv_shortcut.weight + m.conv_shortcut.delta_weight(), stride=2)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    with lora.merged(m):
+        torch.testing.assert_close(m(x), y, atol=1e-5, rtol=1e-5)
+    with lora.disabled(m):
+        torch.testing.assert_close(m(x), base(x), atol=1e-6, rtol=0)
+    m(x).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.lora_parameters(m))
+
+    path = tmp_path / "conv.safetensors"
+    lora.save_lora(path, m)
+    fresh = ResBlock()
+    fresh.load_state_dict(base.state_dict())
+    lora.load_lora(fresh, path, prefix="unet.")
+    assert torch.equal(fresh(x), y)
+    lora.merge_and_remove(m)
+    assert all(type(mod) is nn.Conv2d for mod in m.modules() if isinstance(mod, nn.Conv2d))
+    plain = ResBlock()
+    plain.load_state_dict(m.state_dict(), strict=True)
+    torch.testing.assert_close(plain(x), y, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="plain convolutions only"):
+        grouped = nn.Module()
+        grouped.conv = nn.Conv2d(4, 4, 3, groups=2)
+        lora.add_lora(grouped, targets=("conv",))
 
 
 def test_merge_and_remove_exports_plain_layout():
@@ -274,7 +331,9 @@ def test_on_a_tiny_unet_forward():
     torch.testing.assert_close(fresh(x, t, c), y, atol=1e-5, rtol=1e-5)
 
 
-def test_exported_lora_loads_in_diffusers_and_peft_at_our_strength(tmp_path):
+@pytest.mark.parametrize("targets", [lora.DEFAULT_TARGETS, lora.DEFAULT_TARGETS + ("conv1", "conv2")],
+                         ids=["attention", "attention+resnet-convs"])
+def test_exported_lora_loads_in_diffusers_and_peft_at_our_strength(tmp_path, targets):
     """pytorch_lora_weights.safetensors (what train.py exports next to lora.safetensors) trained with alpha != rank:
     diffusers builds its PEFT adapters with scale 1, so without the scale folded into B the file would load at the
     wrong strength, silently (alpha 8, rank 4: 0.0089 relative error in eps, measured before). Both diffusers entry
@@ -284,7 +343,7 @@ def test_exported_lora_loads_in_diffusers_and_peft_at_our_strength(tmp_path):
     import weights
     pipe = weights.load_pipeline("shapes")
     unet = pipe.unet.requires_grad_(False)
-    lora.add_lora(unet, rank=4, alpha=8.0)
+    lora.add_lora(unet, rank=4, alpha=8.0, targets=targets)
     randomize_lora(unet, std=0.05)
     g = torch.Generator().manual_seed(0)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([50, 700])
