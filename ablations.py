@@ -2,12 +2,12 @@
 The learners' table: what each DDPO design choice does, measured on the shapes world in a few CPU minutes a row.
 
 Every row is one `train.py --model shapes` run that changes one thing against the first (the defaults: DDPO-IS with
-PPO clipping, LoRA, per-prompt advantages, no KL, 20 DDIM steps); all rows share the seed, the prompts and the
+PPO clipping, LoRA, per-prompt advantages, no KL, 20 DDIM steps of which the last two are not trained); all rows share the seed, the prompts and the
 evaluation seeds, so their differences are the design choice (and sampling noise: one seed per row). Each row
 reports the exact shapes reward on the training prompts and on the held-out prompts at the start and the end, and
 its wall time.
 
-    python ablations.py                         # all rows, ~2.5 min each on 2 CPU cores -> runs/ablations/table.md
+    python ablations.py                         # all rows, ~2 min each on 2 CPU cores -> runs/ablations/table.md
     python ablations.py --rows default sf       # some rows
     python ablations.py --epochs 6 --out /tmp/a # a shorter table
 """
@@ -26,13 +26,17 @@ from cli import ArgumentParser
 ROOT = Path(__file__).resolve().parent
 # name -> (what changes, train.py flags)
 ROWS = {
-    "default": ("DDPO-IS (PPO clip), LoRA r=4 lr 1e-2, per-prompt tracker, KL 0, 20 steps", []),
+    "default": ("DDPO-IS (PPO clip), LoRA r=4 on attention + ResNet convs lr 3e-3, per-prompt tracker, prompts drawn "
+                "in balanced passes, KL 0, 20 steps, the last 2 untrained", []),
     "sf": ("DDPO-SF: score function, one optimizer step per epoch", ["--loss", "sf", "--optimizer-steps-per-epoch", "1"]),
     "full": ("full fine-tuning of the UNet instead of LoRA (lr 3e-4)", ["--lora-rank", "0", "--lr", "3e-4"]),
     "grpo": ("GRPO groups: advantages within each epoch's 16 images of a prompt", ["--advantage", "group"]),
     "kl": ("KL to the initial policy, coefficient 0.1", ["--kl-coef", "0.1"]),
     "steps10": ("10 DDIM steps instead of 20", ["--steps", "10"]),
     "lr3e-4": ("SD's LoRA learning rate 3e-4", ["--lr", "3e-4"]),
+    "attn": ("LoRA on the attention only (SD's usual targets)", ["--lora-targets", "to_q,to_k,to_v,to_out.0"]),
+    "allsteps": ("every step trained, the last two (sigma 0.04, 0.02) included", ["--skip-last-steps", "0"]),
+    "iid": ("prompts drawn i.i.d. (ddpo-pytorch) instead of in balanced passes", ["--prompt-draw", "random"]),
 }
 
 

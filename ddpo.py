@@ -30,7 +30,7 @@ Public API (used by train.py)
     reference_policy(unet) -> callable(x, t, c)   LoRA model: adapters off; otherwise a frozen deep copy
     Samples(latents (B,N+1,4,h,w), log_probs (B,N), timesteps (B,N), advantages (B,), valid (B,) bool | None)
     UpdateConfig(clip_range, adv_clip_max, loss, kl_coef, guidance, eta, micro_batch,
-                 optimizer_steps_per_epoch, timestep_fraction, skip_last_step, max_grad_norm, train_cfg,
+                 optimizer_steps_per_epoch, timestep_fraction, skip_last_steps, max_grad_norm, train_cfg,
                  num_inner_epochs)
     ddpo_update(model, params, scheduler, samples, optimizer, cfg, *, cond_embeds, uncond_embeds, generator,
                 reference=None, autocast_dtype=None, grad_scaler=None, progress=False) -> dict[str, float]
@@ -182,7 +182,7 @@ def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -
 def reference_policy(unet: nn.Module) -> Callable:
     """The policy the KL penalty pulls towards: for a LoRA model the same UNet with adapters off (no extra
     memory); otherwise a frozen deep copy of the UNet as it is now (call this before training starts)."""
-    if any(isinstance(m, lora.LoRALinear) for m in unet.modules()):
+    if lora.lora_parameters(unet):
         def base(x, t, c):
             with lora.disabled(unet):
                 return unet(x, t, c)
@@ -214,7 +214,7 @@ class UpdateConfig:
     micro_batch: int = 4                # (sample, timestep) items per UNet call (x2 with CFG)
     optimizer_steps_per_epoch: int = 2  # the epoch's items are split into this many optimizer steps
     timestep_fraction: float = 1.0      # train on a random int(N * fraction) steps of each sample
-    skip_last_step: bool = False        # leave out the final low-sigma step (DanceGRPO)
+    skip_last_steps: int = 0            # never train the last N steps (their tiny sigma: see config.py)
     max_grad_norm: float | None = 1.0   # None: no clipping (the norm is still logged)
     train_cfg: bool = True              # False: condition-only UNet call, no guidance
     num_inner_epochs: int = 1           # passes over the epoch's items (each reshuffled)
@@ -358,7 +358,7 @@ def ddpo_update(model: Callable, params: Sequence[torch.Tensor], scheduler, samp
     _check(samples, cfg, cond_embeds, uncond_embeds, reference, params)
     b, n = samples.log_probs.shape
     dev = samples.latents.device
-    n_train = n - 1 if cfg.skip_last_step else n
+    n_train = n - cfg.skip_last_steps
     t_per_sample = int(n_train * cfg.timestep_fraction)
     n_items = b * t_per_sample
     assert t_per_sample >= 1 and 1 <= cfg.optimizer_steps_per_epoch <= n_items, \

@@ -121,7 +121,7 @@ def build_update(cfg: TrainConfig, policy: Policy, device: torch.device):
                               kl_coef=cfg.kl_coef, guidance=cfg.guidance, eta=cfg.eta,
                               micro_batch=cfg.train_batch_size,
                               optimizer_steps_per_epoch=cfg.optimizer_steps_per_epoch,
-                              timestep_fraction=cfg.timestep_fraction, skip_last_step=cfg.skip_last_step,
+                              timestep_fraction=cfg.timestep_fraction, skip_last_steps=cfg.skip_last_steps,
                               max_grad_norm=cfg.max_grad_norm, num_inner_epochs=cfg.inner_epochs)
     return optimizer, grad_scaler, update_cfg
 

@@ -45,11 +45,23 @@ from run import (Run, Task, category_means, cpu_warning, eval_sets, gather_cat, 
                  resume_checkpoint, reward_categories, reward_stats)
 from weights import load_pipeline
 
-def epoch_prompts(prompts: list[str], n: int, group_size: int, seed: int, epoch: int) -> list[str]:
-    """The epoch's n prompts in global sample order: n / group_size uniform draws, each repeated group_size times
-    (a GRPO group is a run of consecutive samples)."""
-    rng = random.Random(f"prompts-{seed}-{epoch}")  # a string seed hashes deterministically (sha512)
-    return [p for p in rng.choices(prompts, k=n // group_size) for _ in range(group_size)]
+def epoch_prompts(prompts: list[str], n: int, group_size: int, seed: int, epoch: int,
+                  balanced: bool = False) -> list[str]:
+    """The epoch's n prompts in global sample order: n / group_size groups, each one prompt repeated group_size
+    times (a GRPO group is a run of consecutive samples). The groups' prompts are uniform draws (ddpo-pytorch), or
+    with `balanced` the run's groups walk through shuffled passes over the prompt list, so every prompt gets the
+    same number of groups (one per epoch when an epoch has as many groups as there are prompts). Either way a pure
+    function of (seed, epoch): a resumed run draws what the uninterrupted one would have."""
+    k = n // group_size
+    if balanced:
+        first, passes = epoch * k, {}
+        for j in range(first // len(prompts), (first + k - 1) // len(prompts) + 1):
+            passes[j] = list(prompts)
+            random.Random(f"prompts-{seed}-pass-{j}").shuffle(passes[j])   # a string seed hashes deterministically
+        groups = [passes[i // len(prompts)][i % len(prompts)] for i in range(first, first + k)]
+    else:
+        groups = random.Random(f"prompts-{seed}-{epoch}").choices(prompts, k=k)
+    return [p for p in groups for _ in range(group_size)]
 
 
 def sample_epoch(policy: Policy, task: Task, run: Run, executor, all_prompts: list[str], epoch: int):
@@ -176,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             n_local = task.batches * cfg.sample_batch_size
 
             # prompts -> text embeddings -> rollout -> images -> rewards
-            all_prompts = epoch_prompts(task.prompts, n_local * world, cfg.group_size, task.seed, epoch)
+            all_prompts = epoch_prompts(task.prompts, n_local * world, cfg.group_size, task.seed, epoch,
+                                        cfg.prompt_draw == "balanced")
             batches, results, times = sample_epoch(policy, task, run, executor, all_prompts, epoch)
             rewards = torch.cat([r[0] for r in results]).float().to(device)  # (n_local,)
 

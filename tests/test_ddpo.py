@@ -271,7 +271,7 @@ class Recorder(nn.Module):
         return Ctx()
 
 
-@pytest.mark.parametrize("fraction,skip_last", [(1.0, False), (0.5, False), (1.0, True), (0.6, True)])
+@pytest.mark.parametrize("fraction,skip_last", [(1.0, 0), (0.5, 0), (1.0, 1), (0.6, 1), (1.0, 2)])
 def test_item_selection_and_no_sync(fraction, skip_last):
     sched = DDIMScheduler(SchedulerConfig(), num_steps=6)
     b, n = 5, 6
@@ -281,10 +281,10 @@ def test_item_selection_and_no_sync(fraction, skip_last):
                    latents=torch.randn(b, 4, 2, 2), decode=False)
     net.seen.clear()
     cfg = ddpo.UpdateConfig(train_cfg=False, micro_batch=3, optimizer_steps_per_epoch=2, timestep_fraction=fraction,
-                            skip_last_step=skip_last, num_inner_epochs=2)
+                            skip_last_steps=skip_last, num_inner_epochs=2)
     m = ddpo.ddpo_update(net, [net.w], sched, samples_of(traj, torch.randn(b)), torch.optim.SGD([net.w], lr=1e-3),
                          cfg, cond_embeds=cond, uncond_embeds=cond[:1], generator=torch.Generator().manual_seed(1))
-    t_per = int((n - 1 if skip_last else n) * fraction)
+    t_per = int((n - skip_last) * fraction)
     assert m["items"] == 2 * b * t_per and m["optimizer_steps"] == 4
     for epoch in (net.seen[: b * t_per], net.seen[b * t_per:]):
         assert len(set(epoch)) == len(epoch) == b * t_per  # each item once per inner epoch
@@ -292,8 +292,9 @@ def test_item_selection_and_no_sync(fraction, skip_last):
         for s, t in epoch:
             per_sample[s].add(t)
         assert all(len(v) == t_per for v in per_sample.values()) and len(per_sample) == b
-        if skip_last:
-            assert 1 not in {t for _, t in epoch}  # the final t = 1 step is never trained
+        trained = {t for _, t in epoch}
+        assert not trained & set(sched.timesteps.tolist()[n - skip_last:])   # the last steps (t = 1 last) never
+        assert fraction < 1 or trained == set(sched.timesteps.tolist()[:n - skip_last])
     if fraction < 1:  # random, per-sample subsets: not all samples train the same steps
         assert len({frozenset(v) for v in per_sample.values()}) > 1
     # items per optimizer step split as evenly as possible, micro-batches of 3 within each

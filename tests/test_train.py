@@ -284,6 +284,12 @@ def test_prompt_sets_and_epoch_plan():
     plan = train.epoch_prompts(animals, 12, 4, seed=1, epoch=5)
     assert len(plan) == 12 and all(len(set(plan[i:i + 4])) == 1 for i in range(0, 12, 4))  # groups are contiguous
     assert plan == train.epoch_prompts(animals, 12, 4, seed=1, epoch=5) != train.epoch_prompts(animals, 12, 4, 1, 6)
+    # balanced: shuffled passes, so every prompt equally often; with as many groups as prompts, each once an epoch
+    for e in range(3):
+        plan = train.epoch_prompts(animals[:6], 12, 2, seed=1, epoch=e, balanced=True)
+        assert sorted(plan[::2]) == sorted(animals[:6]) and plan == train.epoch_prompts(animals[:6], 12, 2, 1, e, True)
+    runs = [p for e in range(5) for p in train.epoch_prompts(animals[:6], 8, 2, seed=1, epoch=e, balanced=True)[::2]]
+    assert runs[:6] != runs[6:12] and all(runs[i:i + 6].count(p) == 1 for i in (0, 6, 12) for p in animals[:6])
     seeds = {train.sample_seed(s, e, i) for s in (0, 1) for e in (-1, 0, 1) for i in range(100)}
     assert len(seeds) == 600
 
