@@ -462,3 +462,13 @@ def test_tiny_sdxl_learns_and_its_export_loads_in_diffusers(tmp_path):
         ours = pipe.unet(x, t, cond)
         theirs = ref(x, t, encoder_hidden_states=cond.embeds, added_cond_kwargs=cond.added_cond_kwargs).sample
     assert ((ours - theirs).norm() / theirs.norm()).item() <= 1e-5
+
+
+def test_resume_reads_a_config_written_before_skip_last_steps(tmp_path):
+    """A run started when the flag was the boolean --skip-last-step resumes with that choice as a count (1), not
+    silently with the new flag's default."""
+    cfg = dataclasses.asdict(parse_args(["--model", "tiny", "--out", str(tmp_path)]))
+    del cfg["skip_last_steps"]
+    for old, want in ((True, 1), (False, 0)):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "skip_last_step": old}))
+        assert parse_args(["--resume", str(tmp_path)]).skip_last_steps == want
