@@ -7,7 +7,7 @@ evaluation seeds, so their differences are the design choice (and sampling noise
 reports the exact shapes reward on the training prompts and on the held-out prompts at the start and the end, and
 its wall time.
 
-    python ablations.py                         # all rows, ~2 min each on 2 CPU cores -> runs/ablations/table.md
+    python ablations.py                         # all rows, ~2.5 min each on 2 CPU cores -> runs/ablations/table.md
     python ablations.py --rows default sf       # some rows
     python ablations.py --epochs 6 --out /tmp/a # a shorter table
 """
