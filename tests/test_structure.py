@@ -90,4 +90,4 @@ def test_per_model_defaults_in_help_are_the_ones_used():
                                  text), (m, k, shown)
     assert config.parse_args(["--model", "shapes", "--lr", "0.5", "--out", "/tmp/never-written"]).lr == 0.5
     assert "--lr LR AdamW learning rate (default: 3e-4 with LoRA, 1e-5 for full fine-tuning; --model tiny, tiny-sdxl: 0.005; " \
-           "--model shapes: 0.01)" in text
+           "--model shapes: 0.003)" in text
