@@ -109,10 +109,6 @@ class LoRALinear(_LoRA, nn.Linear):
     def _shape_args(layer: nn.Linear) -> tuple:
         return layer.in_features, layer.out_features
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float | None = None) -> "LoRALinear":
-        return cls.wrap(linear, rank, alpha)
-
     def _adapter(self, x, a, b):
         return F.linear(F.linear(x, a), b)
 
