@@ -132,6 +132,9 @@ class TrainConfig:
     tracker_buffer: int = flag(16, "per-prompt tracker: rewards kept per prompt")
     tracker_min_count: int = flag(16, "per-prompt tracker: below this many rewards, use batch stats")
     adv_clip_max: float = flag(5.0, "clip advantages to +-this")
+    shuffle_advantages: bool = flag(False, "a control run: permute each epoch's advantages within each prompt's group "
+                                    "of --group-size images before the update (the same update sizes, no information "
+                                    "on which image was better); what a run learns beyond it, the reward taught")
     # update
     loss: str = flag("ppo", "PPO-clip (DDPO_IS) or score function (DDPO_SF, needs --optimizer-steps-per-epoch 1)",
                      choices=("ppo", "sf"))
@@ -312,6 +315,8 @@ def validate(cfg: TrainConfig, world: int = 1) -> None:
          "--advantage group needs --group-size >= 2 (images per prompt)")
     need(not cfg.global_std or cfg.advantage == "group", "--global-std applies to --advantage group only")
     need(not cfg.same_noise_per_group or cfg.group_size >= 2, "--same-noise-per-group needs --group-size >= 2")
+    need(not cfg.shuffle_advantages or cfg.group_size >= 2,
+         "--shuffle-advantages permutes within each prompt's group of images: it needs --group-size >= 2")
     need(cfg.pretrain_coef >= 0 and cfg.pretrain_batch_size >= 1,
          "--pretrain-coef must be >= 0 and --pretrain-batch-size >= 1")
     need((cfg.pretrain_coef > 0) == (cfg.pretrain_data is not None),

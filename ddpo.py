@@ -24,6 +24,7 @@ Public API (used by train.py)
         .state_dict() -> dict (JSON-serialisable) / .load_state_dict(d) / .get_stats() / .clear()
     group_advantages(rewards, group_ids, *, global_std=False, eps=1e-6) -> Tensor (B,)   (r - mean_g)/(std_g + eps)
     batch_advantages(rewards, *, eps=1e-8) -> Tensor (B,)                                 (r - mean)/(std + eps)
+    permute_within_groups(advantages, group_size, generator) -> Tensor (B,)   null control: shuffled in groups
     ppo_loss(log_prob, old_log_prob, advantages, clip_range) -> (loss (B,), ratio (B,))   per item, no reduction
     sf_loss(log_prob, advantages) -> loss (B,)
     gaussian_kl(mean, ref_mean, std) -> kl (B,)
@@ -147,6 +148,17 @@ def group_advantages(rewards: torch.Tensor, group_ids, *, global_std: bool = Fal
     else:
         std = (torch.zeros_like(count).index_add_(0, idx, dev * dev) / count).sqrt()
     return (dev / (std[idx] + eps)).float()
+
+
+def permute_within_groups(advantages: torch.Tensor, group_size: int, generator: torch.Generator) -> torch.Tensor:
+    """The null control: each run of group_size consecutive advantages (one prompt's images of the epoch) permuted at
+    random. The update keeps its sizes and each prompt the distribution of its advantages, but which image earned
+    which is forgotten; what a run learns beyond this control is what the reward taught it. (B,) -> (B,)"""
+    b = advantages.shape[0]
+    assert b % group_size == 0, f"{b} advantages are not groups of {group_size}"
+    order = torch.rand(b // group_size, group_size, generator=generator).argsort(dim=1)   # a permutation per group
+    order = order + torch.arange(0, b, group_size).unsqueeze(1)
+    return advantages[order.flatten().to(advantages.device)]
 
 
 def batch_advantages(rewards: torch.Tensor, *, eps: float = 1e-8) -> torch.Tensor:

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from cli import fail
 from config import TrainConfig, parse_args, task_specs
-from ddpo import PerPromptStatTracker, Samples, batch_advantages, ddpo_update, group_advantages
+from ddpo import (PerPromptStatTracker, Samples, batch_advantages, ddpo_update, group_advantages,
+                  permute_within_groups)
 from policy import Policy, build_policy, build_update, evaluate_all, sample_seed, sync
 from pretrain_data import PretrainLoss, read_pairs
 from rewards import RewardWarning, build_reward, options_from_flags, parse_spec
@@ -116,13 +117,20 @@ def prefixed(prefix: str, metrics: dict) -> dict:
     return {prefix + k: v for k, v in metrics.items()}
 
 
-def advantages_of(cfg: TrainConfig, tracker, all_prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
-    """(n_global,) advantages of the global batch: per prompt (DDPO's tracker), per group (GRPO) or per batch."""
+def advantages_of(cfg: TrainConfig, tracker, all_prompts: list[str], rewards: torch.Tensor, seed: int,
+                  epoch: int) -> torch.Tensor:
+    """(n_global,) advantages of the global batch: per prompt (DDPO's tracker), per group (GRPO) or per batch;
+    with --shuffle-advantages permuted within each group (the null control), a pure function of (seed, epoch)."""
     if cfg.advantage == "per-prompt":
-        return tracker.update(all_prompts, rewards)
-    if cfg.advantage == "group":
-        return group_advantages(rewards, torch.arange(len(rewards)) // cfg.group_size, global_std=cfg.global_std)
-    return batch_advantages(rewards)
+        adv = tracker.update(all_prompts, rewards)
+    elif cfg.advantage == "group":
+        adv = group_advantages(rewards, torch.arange(len(rewards)) // cfg.group_size, global_std=cfg.global_std)
+    else:
+        adv = batch_advantages(rewards)
+    if cfg.shuffle_advantages:
+        gen = torch.Generator().manual_seed(random.Random(f"shuffle-{seed}-{epoch}").getrandbits(63))
+        adv = permute_within_groups(adv, cfg.group_size, gen)
+    return adv
 
 
 def setup(argv: list[str] | None):
@@ -195,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
 
             # rewards of the task's global batch -> advantages -> this rank's slice (non-finite: advantage 0, masked)
             global_rewards = gather_cat(rewards).cpu()  # (n_global,) in global sample order
-            advantages = advantages_of(cfg, task.tracker, all_prompts, global_rewards)
+            advantages = advantages_of(cfg, task.tracker, all_prompts, global_rewards, task.seed, epoch)
             samples = Samples(latents=torch.cat([t.latents for _, t in batches]),
                               log_probs=torch.cat([t.log_probs for _, t in batches]),
                               timesteps=torch.cat([t.timesteps for _, t in batches]),

@@ -127,6 +127,21 @@ def test_group_advantages():
     np.testing.assert_allclose(b.numpy()[fin], (r[fin] - r[fin].mean()) / (r[fin].std() + 1e-8), rtol=1e-6)
 
 
+def test_permute_within_groups_keeps_each_group_and_forgets_the_order():
+    """The null control: every group of 16 keeps its own advantages (the same values, in the same positions' group),
+    their order changes, and a generator seed fixes the permutation (the same on every rank and after a resume)."""
+    adv = torch.arange(48, dtype=torch.float32)
+    got = ddpo.permute_within_groups(adv, 16, torch.Generator().manual_seed(0))
+    for g in range(3):
+        block = got[16 * g:16 * (g + 1)]
+        assert sorted(block.tolist()) == list(range(16 * g, 16 * (g + 1)))   # only within its own group
+        assert not torch.equal(block, adv[16 * g:16 * (g + 1)])              # and shuffled there
+    torch.testing.assert_close(ddpo.permute_within_groups(adv, 16, torch.Generator().manual_seed(0)), got)
+    assert not torch.equal(ddpo.permute_within_groups(adv, 16, torch.Generator().manual_seed(1)), got)
+    with pytest.raises(AssertionError, match="not groups of 16"):
+        ddpo.permute_within_groups(adv[:40], 16, torch.Generator().manual_seed(0))
+
+
 # ----------------------------------------------------------------------------- losses
 
 

@@ -243,6 +243,8 @@ def test_cli_errors(tmp_path):
     assert "has no prompts" in cli_error([*FAST, *out, "--prompts", str(tmp_path / "empty.txt")])
     assert "--group-size 3 must divide the 4 samples" in cli_error([*FAST, *out, "--group-size", "3"])
     assert "--advantage group needs --group-size >= 2" in cli_error([*FAST, *out, "--advantage", "group"])
+    assert "--shuffle-advantages permutes within each prompt's group" in cli_error([*FAST, *out,
+                                                                                    "--shuffle-advantages"])
     assert "exceeds the 16" in cli_error([*FAST, *out, "--optimizer-steps-per-epoch", "17"])
     assert "on-policy" in cli_error([*FAST, *out, "--loss", "sf", "--optimizer-steps-per-epoch", "2"])
     assert "trains no step" in cli_error([*FAST, *out, "--timestep-fraction", "0.1"])
