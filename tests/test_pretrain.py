@@ -59,6 +59,17 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_freeze_token_embedding_keeps_the_table_and_trains_the_rest(tmp_path):
+    _, export = run(tmp_path, "frozen", "--vae-steps", "2", "--unet-steps", "4", "--freeze-token-embedding")
+    _, _, init = pretrain.build_models(0)
+    init = {k: v.half() for k, v in init.state_dict().items()}
+    trained = load_file(str(export / "text_encoder" / "model.safetensors"))
+    table = [k for k in trained if k.endswith("token_embedding.weight")]
+    assert len(table) == 1 and torch.equal(trained[table[0]], init[table[0].removeprefix("text_model.")])
+    moved = [k for k in trained if "position_embedding" in k or "layers.0.mlp.fc1.weight" in k]
+    assert moved and all(not torch.equal(trained[k], init[k.removeprefix("text_model.")]) for k in moved)
+
+
 def test_bad_flags_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--unet-steps must be >= 1"):
         pretrain.main(["--unet-steps", "0", "--out", str(tmp_path / "x")])
