@@ -2,10 +2,11 @@
 The learners' table: what each DDPO design choice does, measured on the shapes world in a few CPU minutes a row.
 
 Every row is one `train.py --model shapes` run that changes one thing against the first (the defaults: DDPO-IS with
-PPO clipping, LoRA, per-prompt advantages, no KL, 20 DDIM steps of which the last two are not trained); all rows share the seed, the prompts and the
-evaluation seeds, so their differences are the design choice (and sampling noise: one seed per row). Each row
-reports the exact shapes reward on the training prompts and on the held-out prompts at the start and the end, and
-its wall time.
+PPO clipping, LoRA, per-prompt advantages, no KL, 20 DDIM steps of which the last two are not trained); all rows
+share the seed, the prompts and the evaluation seeds, so their differences are the design choice (and sampling
+noise: one seed per row). Each row reports the exact shapes reward on the training prompts and on the held-out
+prompts at the start and the end (fixed seeds), the mean reward of the training batches (fresh images every epoch)
+at epoch 0, drawn by the base model, and over the last two epochs, and its wall time.
 
     python ablations.py                         # all rows, ~2.5 min each on 2 CPU cores -> runs/ablations/table.md
     python ablations.py --rows default sf       # some rows
@@ -65,18 +66,23 @@ def run_row(name: str, flags: list[str], args) -> dict:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     summary = json.loads((run / "summary.json").read_text())
+    batches = [r["reward_mean"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "reward_mean" in r]
     row = {"row": name, "change": ROWS[name][0], "wall_s": time.perf_counter() - t0,
            "train_start": summary["initial_eval_reward_mean"], "train_end": summary["final_eval_reward_mean"],
-           "heldout_start": summary["initial_heldout_reward_mean"], "heldout_end": summary["final_heldout_reward_mean"]}
+           "heldout_start": summary["initial_heldout_reward_mean"], "heldout_end": summary["final_heldout_reward_mean"],
+           # fresh images every epoch: epoch 0 is the base model, the last two epochs the trained one
+           "batch_start": batches[0], "batch_end": sum(batches[-2:]) / len(batches[-2:])}
     (run / "row.json").write_text(json.dumps(row, indent=2))
     return row
 
 
 def table(rows: list[dict], epochs: int) -> str:
-    out = [f"| row | change | train prompts: start → end | held-out prompts: start → end | wall time ({epochs} epochs) |",
-           "|---|---|---|---|---|"]
+    out = [f"| row | change | train prompts: start → end | batches: epoch 0 → last two | held-out prompts: start → end "
+           f"| wall time ({epochs} epochs) |", "|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['row']} | {r['change']} | {r['train_start']:.3f} → **{r['train_end']:.3f}** | "
+                   f"{r['batch_start']:.3f} → {r['batch_end']:.3f} | "
                    f"{r['heldout_start']:.3f} → **{r['heldout_end']:.3f}** | {r['wall_s'] / 60:.1f} min |")
     return "\n".join(out) + "\n"
 

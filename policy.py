@@ -132,11 +132,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts: list[str], score: bool,
-             grid: bool) -> dict:
-    """A prompt set with fixed seeds (image i always gets the same noise): `name`_reward_* metrics (and per category,
-    if the reward reports categories) and a grid samples/[name_]epoch_NNNN.png of its first --grid-size images."""
+def grid_slots(n: int, seeds: int, grid_size: int) -> tuple[list[int], int]:
+    """Which images of an evaluation set (n images, each prompt repeated `seeds` times in a row) its grid shows, in
+    order, and the grid's columns. With repeated seeds a row per prompt of its first (up to 8) seeds, so a grid of 16
+    at 32 seeds shows two prompts at 8 seeds rather than one prompt 16 times; without, 8 prompts a row."""
+    cols = min(seeds, 8) if seeds > 1 else 8
+    shown = [i for i in range(n) if seeds == 1 or i % seeds < cols]
+    return shown[:grid_size], cols
+
+
+def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts: list[str], seeds: int,
+             score: bool, grid: bool) -> dict:
+    """A prompt set with fixed seeds (image i always gets the same noise; each prompt `seeds` times in a row):
+    `name`_reward_* metrics (and per category, if the reward reports categories) and a grid
+    samples/[name_]epoch_NNNN.png of up to --grid-size of its images (grid_slots)."""
     cfg = run.cfg
+    shown, ncols = grid_slots(len(prompts), seeds, cfg.grid_size)
+    shown = set(shown)
     policy.unet.eval()
     mine, rows, infos = list(range(run.rank, len(prompts), run.world)), [], []
     for b in range(0, len(mine), cfg.sample_batch_size):
@@ -147,7 +159,7 @@ def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts
         cats = reward_categories(info)
         infos.append(info)
         for j, i in enumerate(idx):
-            image = (traj.images[j] * 255).round().byte().cpu() if i < cfg.grid_size else None
+            image = (traj.images[j] * 255).round().byte().cpu() if i in shown else None
             rows.append((i, float(scores[j]), {k: float(v[j]) for k, v in cats.items()}, image))
     run.print_warnings(infos)
     rows = sorted((r for part in gather_objects(rows) for r in part), key=lambda r: r[0])
@@ -157,10 +169,9 @@ def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts
         out.update(category_means(f"{name}_reward", {k: torch.tensor([r[2][k] for r in rows], dtype=torch.float64)
                                                      for k in rows[0][2]}))
     if grid and run.master and cfg.grid_size > 0:
-        shown = [r for r in rows if r[3] is not None]
-        caps = [prompts[r[0]][:40] + (f" {score_label(r[1])}" if score else "") for r in shown]
-        ncols = cfg.eval_seeds if 1 < cfg.eval_seeds <= 8 else 8   # a row per prompt when seeds repeat
-        image = make_grid(torch.stack([r[3].float() / 255 for r in shown]), ncols=min(ncols, len(shown)),
+        pictured = [r for r in rows if r[3] is not None]
+        caps = [prompts[r[0]][:40] + (f" {score_label(r[1])}" if score else "") for r in pictured]
+        image = make_grid(torch.stack([r[3].float() / 255 for r in pictured]), ncols=min(ncols, len(pictured)),
                           captions=caps)
         run.save_image(os.path.join("samples", f"{'' if name == 'eval' else name + '_'}epoch_{epoch:04d}.png"), image)
     return out
@@ -173,5 +184,7 @@ def evaluate_all(policy: Policy, run: Run, epoch: int, tasks: list[Task]) -> dic
     for task in tasks:
         for kind, prompts in (("eval", task.eval_prompts), ("heldout", task.heldout_prompts)):
             if prompts and (score or grid):
-                out.update(evaluate(policy, task.reward_fn, run, epoch, task.prefix + kind, prompts, score, grid))
+                seeds = run.cfg.eval_seeds if kind == "eval" else run.cfg.heldout_seeds
+                out.update(evaluate(policy, task.reward_fn, run, epoch, task.prefix + kind, prompts, seeds, score,
+                                    grid))
     return out

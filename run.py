@@ -286,15 +286,16 @@ def export(run_dir: str, unet, cfg: TrainConfig) -> None:
 
 def eval_sets(cfg: TrainConfig, task: dict) -> tuple[list[str], list[str], list[str]]:
     """(training prompts, evaluation prompts, held-out prompts) of a task, the two evaluation lists thinned to
-    --eval-size prompts and each prompt repeated --eval-seeds times (image i of a set always has the fixed seed
-    sample_seed(seed, -1, i), so a repeat is a new fixed seed)."""
+    --eval-size prompts and each prompt repeated --eval-seeds (held-out: --heldout-seeds) times (image i of a set
+    always has the fixed seed sample_seed(seed, -1, i), so a repeat is a new fixed seed)."""
     prompts = load_prompts(task["prompts"])
     evals = load_prompts(task["eval_prompts"]) if task["eval_prompts"] else prompts
     heldout = load_prompts(task["heldout_prompts"]) if task["heldout_prompts"] else []
     if cfg.eval_size:
         evals, heldout = ([ps[i * len(ps) // cfg.eval_size] for i in range(min(cfg.eval_size, len(ps)))]
                           for ps in (evals, heldout))
-    evals, heldout = ([p for p in ps for _ in range(cfg.eval_seeds)] for ps in (evals, heldout))
+    evals = [p for p in evals for _ in range(cfg.eval_seeds)]
+    heldout = [p for p in heldout for _ in range(cfg.heldout_seeds)]
     return prompts, evals, heldout
 
 

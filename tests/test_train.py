@@ -440,6 +440,30 @@ def test_eval_seeds_repeat_each_prompt_with_new_fixed_seeds(tmp_path):
     assert row["eval_reward_std"] > 0 and row["eval_reward_min"] < row["eval_reward_max"]
 
 
+def test_heldout_seeds_and_grid_rows():
+    """--heldout-seeds repeats the held-out prompts on their own (default: --eval-seeds; the shapes model: 32 and 8),
+    and a grid of repeated seeds shows a row of up to 8 seeds per prompt, never one prompt filling it."""
+    from policy import grid_slots
+    from run import eval_sets
+    from config import task_specs
+    from cli import load_prompts
+    flags = [*FAST, "--eval-prompts", "simple_animals", "--heldout-prompts", "simple_animals", "--eval-size", "2"]
+    for extra, (e, h) in (([], (1, 1)), (["--eval-seeds", "3"], (3, 3)),
+                          (["--eval-seeds", "3", "--heldout-seeds", "5"], (3, 5))):
+        cfg = parse_args([*flags, *extra])
+        _, evals, held = eval_sets(cfg, task_specs(cfg)[0])
+        two = load_prompts("simple_animals")
+        two = [two[0], two[len(two) // 2]]   # --eval-size 2 thins evenly
+        assert evals == [p for p in two for _ in range(e)] and held == [p for p in two for _ in range(h)]
+    shapes = parse_args(["--model", "shapes"])
+    assert (shapes.eval_seeds, shapes.heldout_seeds) == (32, 8)
+    assert grid_slots(256, 32, 16) == ([*range(8), *range(32, 40)], 8)    # two prompts, 8 seeds each
+    assert grid_slots(376, 8, 16) == (list(range(16)), 8)
+    assert grid_slots(6, 3, 6) == (list(range(6)), 3)
+    assert grid_slots(20, 1, 8) == (list(range(8)), 8)                   # one seed: 8 prompts a row
+    assert "--heldout-seeds must be >= 1" in cli_error([*flags, "--heldout-seeds", "0"])
+
+
 def test_tiny_sdxl_learns_and_its_export_loads_in_diffusers(tmp_path):
     """DDPO on SDXL's structure (two text encoders, pooled embedding + time ids through CFG, rollout and update):
     `train.py --model tiny-sdxl` with the tiny defaults raises JPEG compressibility by more than 3 initial standard
@@ -474,3 +498,11 @@ def test_resume_reads_a_config_written_before_skip_last_steps(tmp_path):
     for old, want in ((True, 1), (False, 0)):
         (tmp_path / "config.json").write_text(json.dumps({**cfg, "skip_last_step": old}))
         assert parse_args(["--resume", str(tmp_path)]).skip_last_steps == want
+
+
+def test_resume_reads_a_config_written_before_heldout_seeds(tmp_path):
+    """A run started before --heldout-seeds evaluated its held-out prompts at --eval-seeds, and resumes so."""
+    cfg = dataclasses.asdict(parse_args(["--model", "shapes", "--eval-seeds", "5", "--out", str(tmp_path)]))
+    del cfg["heldout_seeds"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert parse_args(["--resume", str(tmp_path)]).heldout_seeds == 5
