@@ -114,7 +114,7 @@ class TrainConfig:
                                      "--eval-seeds)")
     eval_every: int = flag(10, "evaluate every N epochs, and at the start and end (0 = never)")
     sample_every: int = flag(10, "save a sample grid every N epochs, and at the start and end (0 = never)")
-    grid_size: int = flag(8, "images in a sample grid (the first evaluation prompts, up to 8 seeds each)")
+    grid_size: int = flag(8, "images in a sample grid (the first evaluation prompts, in rows of up to 8 seeds)")
     # sampling
     epochs: int = flag(100, "training epochs (one rollout + one update each)")
     sample_batch_size: int = flag(8, "images per rollout batch, per process")

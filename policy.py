@@ -134,11 +134,14 @@ def sync(device: torch.device) -> None:
 
 def grid_slots(n: int, seeds: int, grid_size: int) -> tuple[list[int], int]:
     """Which images of an evaluation set (n images, each prompt repeated `seeds` times in a row) its grid shows, in
-    order, and the grid's columns. With repeated seeds a row per prompt of its first (up to 8) seeds, so a grid of 16
-    at 32 seeds shows two prompts at 8 seeds rather than one prompt 16 times; without, 8 prompts a row."""
-    cols = min(seeds, 8) if seeds > 1 else 8
-    shown = [i for i in range(n) if seeds == 1 or i % seeds < cols]
-    return shown[:grid_size], cols
+    order, and the grid's columns. With repeated seeds, rows of up to 8 seeds, each prompt given an equal share of
+    whole rows: a grid of 16 at 32 seeds shows 8 seeds of two prompts (not one prompt 16 times), and 16 seeds of a
+    set with one prompt. With one seed, 8 prompts a row."""
+    if seeds == 1:
+        return list(range(min(n, grid_size))), 8
+    cols = min(seeds, 8)
+    per_prompt = min(seeds, max(cols, grid_size // max(n // seeds, 1) // cols * cols))
+    return [i for i in range(n) if i % seeds < per_prompt][:grid_size], cols
 
 
 def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts: list[str], seeds: int,

@@ -442,7 +442,7 @@ def test_eval_seeds_repeat_each_prompt_with_new_fixed_seeds(tmp_path):
 
 def test_heldout_seeds_and_grid_rows():
     """--heldout-seeds repeats the held-out prompts on their own (default: --eval-seeds; the shapes model: 32 and 8),
-    and a grid of repeated seeds shows a row of up to 8 seeds per prompt, never one prompt filling it."""
+    and a grid of repeated seeds shows rows of up to 8 seeds, an equal share of rows per prompt."""
     from policy import grid_slots
     from run import eval_sets
     from config import task_specs
@@ -459,6 +459,7 @@ def test_heldout_seeds_and_grid_rows():
     assert (shapes.eval_seeds, shapes.heldout_seeds) == (32, 8)
     assert grid_slots(256, 32, 16) == ([*range(8), *range(32, 40)], 8)    # two prompts, 8 seeds each
     assert grid_slots(376, 8, 16) == (list(range(16)), 8)
+    assert grid_slots(64, 64, 16) == (list(range(16)), 8)                 # one prompt: two rows of it
     assert grid_slots(6, 3, 6) == (list(range(6)), 3)
     assert grid_slots(20, 1, 8) == (list(range(8)), 8)                   # one seed: 8 prompts a row
     assert "--heldout-seeds must be >= 1" in cli_error([*flags, "--heldout-seeds", "0"])
