@@ -242,8 +242,8 @@ def parse_args(argv: list[str] | None = None, world: int = 1) -> TrainConfig:
             saved = json.load(f)
         if "skip_last_step" in saved:   # runs started before the flag took a count
             saved.setdefault("skip_last_steps", int(saved.pop("skip_last_step")))
-        if "eval_seeds" in saved:        # runs started before --heldout-seeds evaluated both sets at --eval-seeds
-            saved.setdefault("heldout_seeds", saved["eval_seeds"])
+        # runs started before --heldout-seeds evaluated both sets at --eval-seeds (itself 1 before it existed)
+        saved.setdefault("heldout_seeds", saved.get("eval_seeds", 1))
         changed = [k for k, v in given.items() if k not in RESUME_OVERRIDABLE and saved.get(k) != v]
         if changed:
             flags = ", ".join("--" + k.replace("_", "-") for k in changed)

@@ -150,8 +150,7 @@ def evaluate(policy: Policy, reward_fn, run: Run, epoch: int, name: str, prompts
     `name`_reward_* metrics (and per category, if the reward reports categories) and a grid
     samples/[name_]epoch_NNNN.png of up to --grid-size of its images (grid_slots)."""
     cfg = run.cfg
-    shown, ncols = grid_slots(len(prompts), seeds, cfg.grid_size)
-    shown = set(shown)
+    shown, ncols = grid_slots(len(prompts), seeds, cfg.grid_size)   # at most --grid-size indices
     policy.unet.eval()
     mine, rows, infos = list(range(run.rank, len(prompts), run.world)), [], []
     for b in range(0, len(mine), cfg.sample_batch_size):
