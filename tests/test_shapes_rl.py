@@ -50,7 +50,10 @@ def test_ddpo_teaches_a_relation(tmp_path):
     the batch reward (measured on this CPU: relation atom 0.32 -> 0.54, reward 0.83 -> 0.88). The pretrained model
     puts the two objects anywhere (atom ~0.25); what makes DDPO move them is LoRA on the ResNet convolutions as well
     as the attention, and leaving out the last two steps, whose log-prob gradients drown the layout signal (with
-    attention-only LoRA and every step trained the atom stayed at 0.27 -> 0.29 over 30 epochs: README)."""
+    attention-only LoRA and every step trained the atom stayed at 0.27 -> 0.29 over 30 epochs: README). This pins
+    the run's default seed 42, the best of four measured: with --seed 1, 2, 3 the atom rises less (0.23 -> 0.29,
+    0.27 -> 0.32, 0.32 -> 0.28 over the same epochs), so the test guards the path that moved a layout once, as a
+    regression check, not a claim that every seed learns it (README)."""
     rows = shapes_run(tmp_path, "a blue circle left of a yellow triangle\n", epochs=20, group_size=64)
     mean = lambda key, lo, hi: sum(r[key] for r in rows[lo:hi]) / (hi - lo)
     start, end = mean("reward_relation_atom", 0, 3), mean("reward_relation_atom", 14, 20)
